@@ -1,0 +1,372 @@
+"""The training loop: one loop for every registered model, single process or torchrun/DDP.
+
+Data stay in memory as tensors; each step slices a batch, augments it on the fly with batched
+tensor ops, and takes one optimizer step. Per epoch: validation, a line in history.jsonl, the
+best-on-val weights kept, and a resume point written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .augment import AugmentConfig, augment_batch, normalize, resize, to_float
+from .data import Cifar10, load_cifar10, make_split
+from .evaluate import evaluate_predictor, metrics_from_logits, plot_confusion, plot_curves
+from .models import create_model
+from .predictor import Predictor
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cifar_cnn"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool | str = False
+    pretrained_file: str | None = None
+    # optimization
+    epochs: float = 10.0
+    batch_size: int = 1024
+    optimizer: str = "sgd"            # "sgd" (Nesterov) or "adamw"
+    lr: float = 1.5                   # peak learning rate (mean loss over the batch)
+    momentum: float = 0.85
+    weight_decay: float = 1.33e-3     # PyTorch-style; never applied to norms and biases
+    norm_bias_lr_scale: float = 64.0  # BN shifts learn faster (their scale is fixed in our CNN)
+    label_smoothing: float = 0.2
+    schedule: str = "triangle"        # "triangle" (warm up then linear decay) or "cosine"
+    warmup_fraction: float = 0.23     # of all steps
+    lr_start: float = 0.2             # factors of the peak lr at step 0 and at the end
+    lr_end: float = 0.07
+    lookahead: bool = True            # pull fast weights towards a slow average every 5 steps
+    # data
+    data: str | None = None
+    split: str = "seed"
+    split_seed: int = 0
+    train_subset: int = 0             # >0: train on this many images (stratified), for quick runs
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # evaluation and runtime
+    tta: int = 2                      # test-time augmentation level used for reported metrics
+    seed: int = 0
+    channels_last: bool = True
+    bf16: bool = False                # measured slower here: this CPU has no native bf16 matmul
+    half_weights: bool = True         # save fp16 weights (metrics are measured on them)
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list
+    metrics: dict
+    out_dir: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based) of `total`."""
+    t = step / max(1, total)
+    w = cfg.warmup_fraction
+    if t < w:
+        return cfg.lr_start + (1 - cfg.lr_start) * t / w
+    rest = (t - w) / max(1e-8, 1 - w)
+    if cfg.schedule == "triangle":
+        return 1 + (cfg.lr_end - 1) * rest
+    if cfg.schedule == "cosine":
+        return cfg.lr_end + (1 - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * rest))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use triangle or cosine")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Weight decay on conv/linear weights only; norms and biases get none (and their own lr)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.norm_bias_lr_scale},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
+
+
+class Lookahead:
+    """Slow weights that the fast ones are pulled back to every `every` steps.
+
+    The pull strength ramps up (cubically) over training, so late training averages out the
+    noise of a large learning rate; the final model is the slow weights.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 5, max_decay: float = 0.95 ** 5):
+        self.every, self.max_decay = every, max_decay
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def step(self, model: nn.Module, step: int, total: int, final: bool = False) -> None:
+        if not final and step % self.every:
+            return
+        decay = 1.0 if final else self.max_decay * (step / total) ** 3
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in self.slow:
+                    self.slow[k].lerp_(v, 1 - decay)
+                    v.copy_(self.slow[k])
+
+
+def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Positions of `count` items, equally many per class, deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per = max(1, count // len(classes))
+    picks = [(labels == c).nonzero().squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)[:per]]
+             for c in classes]
+    return torch.cat(picks).sort().values
+
+
+def model_input(images_u8: torch.Tensor, spec) -> torch.Tensor:
+    """Float, normalized, at the model's input size. Translation/flip act before resizing."""
+    return normalize(resize(to_float(images_u8), spec.input_size), spec.mean, spec.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets WORLD_SIZE/RANK)
+# ---------------------------------------------------------------------------------------------
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state: safetensors + JSON, never pickle
+# ---------------------------------------------------------------------------------------------
+
+def _save_resume(out_dir: Path, model, optimizer, lookahead, best_state, info: dict) -> None:
+    from safetensors.torch import save
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().clone().contiguous()
+    if lookahead:
+        tensors.update({f"slow.{k}": v.contiguous() for k, v in lookahead.slow.items()})
+    if best_state:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    resume = out_dir / "resume"
+    resume.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_bytes(resume / "state.safetensors", save(tensors))
+    ckpt.atomic_write_json(resume / "state.json", info)  # written last: it marks the pair complete
+
+
+def _load_resume(out_dir: Path, model, optimizer, lookahead):
+    from safetensors.torch import load_file
+    resume = out_dir / "resume"
+    if not (resume / "state.json").exists():
+        return None
+    info = json.loads((resume / "state.json").read_text())
+    tensors = load_file(str(resume / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = optimizer.state_dict()
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict(opt_state)
+    if lookahead:
+        lookahead.slow = {k[5:]: v for k, v in tensors.items() if k.startswith("slow.")}
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return info, best
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | None = None,
+          resume: bool = False, extra_meta: dict | None = None) -> TrainResult:
+    rank, world = _distributed()
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(out_dir) if out_dir else None
+    data = data or load_cifar10(cfg.data)
+    split = make_split(data, cfg.split, cfg.split_seed)
+
+    train_idx = split.train
+    if cfg.train_subset:
+        train_idx = train_idx[stratified_subset(data.labels[train_idx], cfg.train_subset, cfg.seed)]
+    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                         **cfg.model_kwargs)
+    spec = model.spec
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    # The whole training set, normalized once, at 32x32 (augment, then resize per batch).
+    x_train = normalize(to_float(data.images[train_idx]), spec.mean, spec.std)
+    y_train = data.labels[train_idx]
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(x_train[:5000])
+
+    optimizer = make_optimizer(model, cfg)
+    lookahead = Lookahead(model) if cfg.lookahead else None
+    n = len(y_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    history, best_state, best_val, start_epoch = [], None, -1.0, 0
+
+    if resume and out_dir and (out_dir / "resume" / "state.json").exists():
+        info, best_state = _load_resume(out_dir, model, optimizer, lookahead)
+        history, best_val, start_epoch = info["history"], info["best_val"], info["epoch"] + 1
+        if is_main:
+            print(f"resuming {out_dir} after epoch {info['epoch'] + 1}/{n_epochs}")
+    elif out_dir and is_main:
+        (out_dir / "history.jsonl").unlink(missing_ok=True)
+
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    val_predictor = Predictor(model, spec, tta=0)
+
+    for epoch in range(start_epoch, n_epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        # Augmentation randomness is seeded per epoch (and rank), so a resumed run is the same run.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+        first_step = epoch * steps_per_epoch
+        steps = min(steps_per_epoch, total_steps - first_step)
+        loss_sum = correct = seen = 0.0
+        bar = _progress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.progress and is_main)
+        for i in range(steps):
+            step = first_step + i
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
+            x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed)
+            x = resize(x, spec.input_size).contiguous(memory_format=memory_format)
+            y = y_train[idx]
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = train_model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if lookahead:
+                lookahead.step(model, step + 1, total_steps, final=step + 1 == total_steps)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += float((out.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "lr": cfg.lr * lr_factor(min(total_steps - 1, first_step + steps - 1), total_steps, cfg),
+                  "seconds": round(seconds, 2), "images_per_s": round(seen * world / seconds, 1)}
+        if len(split.val):
+            model.eval()
+            val = evaluate_predictor(val_predictor, data.images[split.val], data.labels[split.val])
+            record.update(val_loss=val["nll"], val_acc=val["accuracy"])
+            if val["accuracy"] >= best_val:
+                best_val = val["accuracy"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(record)
+        if is_main:
+            print(json.dumps(record), flush=True)
+            if out_dir:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                with open(out_dir / "history.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_resume(out_dir, model, optimizer, lookahead, best_state,
+                             {"epoch": epoch, "history": history, "best_val": best_val})
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    metrics = finalize(model, cfg, data, split, out_dir if is_main else None, history, extra_meta)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(model=model, history=history, metrics=metrics, out_dir=out_dir)
+
+
+def finalize(model, cfg: TrainConfig, data: Cifar10, split, out_dir: Path | None, history: list,
+             extra_meta: dict | None = None) -> dict:
+    """Measure the weights exactly as they will be saved, then write the checkpoint and plots."""
+    model.eval()
+    if cfg.half_weights:
+        ckpt.round_trip_fp16(model)
+    predictor = Predictor(model, model.spec, tta=cfg.tta)
+    metrics = {}
+    for subset in ("val", "test"):
+        idx = split.indices(subset)
+        if len(idx):
+            metrics[subset] = evaluate_predictor(predictor, data.images[idx], data.labels[idx])
+    metrics["tta"] = cfg.tta
+    if out_dir:
+        meta = build_meta(model, cfg, data, split, metrics, history, extra_meta)
+        ckpt.save_checkpoint(out_dir, model, meta, half=cfg.half_weights)
+        if history:
+            plot_curves(history, out_dir / "curves.png", title=out_dir.name)
+        if "test" in metrics:
+            plot_confusion(metrics["test"]["confusion"], out_dir / "confusion.png",
+                           title=f"{out_dir.name}: test confusion ({split.name} split)")
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)
+    return metrics
+
+
+def build_meta(model, cfg: TrainConfig, data: Cifar10, split, metrics: dict, history: list,
+               extra: dict | None = None) -> dict:
+    return {
+        "model": cfg.model,
+        "model_kwargs": model.model_kwargs,
+        "spec": model.spec.to_dict(),
+        "classes": list(data.classes),
+        "input_size": model.spec.input_size,
+        "mean": list(model.spec.mean),
+        "std": list(model.spec.std),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_config": cfg.to_dict(),
+        "split": {"name": split.name, "seed": split.seed, "fingerprint": split.fingerprint,
+                  "sizes": {s: len(split.indices(s)) for s in ("train", "val", "test")}},
+        "data": {"source": data.source, "fingerprint": data.fingerprint,
+                 "note": "offline JPEG q75 copy of CIFAR-10" if "imagefolder" in data.source else ""},
+        "metrics": metrics,
+        "history": history,
+        "temperature": 1.0,
+        **(extra or {}),
+    }
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,112 @@
+"""Metrics (accuracy, per-class, confusion, NLL, ECE) and the plots saved beside checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import CLASSES
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
+    return float(ece)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                        classes=CLASSES) -> dict:
+    logits = logits.float() / temperature
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    n = len(classes)
+    confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
+    return {
+        "n": len(labels),
+        "accuracy": float((pred == labels).float().mean()),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": expected_calibration_error(probs, labels),
+        "per_class_accuracy": {c: round(float(a), 4) for c, a in zip(classes, per_class)},
+        "confusion": confusion.tolist(),  # rows: true class, columns: predicted class
+    }
+
+
+def evaluate_predictor(predictor, images_u8: torch.Tensor, labels: torch.Tensor, tta: int | None = None) -> dict:
+    logits = predictor.logits(images_u8, tta=tta)
+    return metrics_from_logits(logits, labels, temperature=predictor.temperature)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain Markdown table (readable in a terminal, pastes into RESULTS.md)."""
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def read_history(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "-s")):
+        if any(h.get(f"{key}_loss") is not None for h in history):
+            ax_loss.plot(epochs, [h.get(f"{key}_loss") for h in history], style, label=key)
+            ax_acc.plot(epochs, [h.get(f"{key}_acc") for h in history], style, label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_confusion(confusion, path: Path, classes=CLASSES, title: str = "", normalize: bool = True) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = torch.tensor(confusion, dtype=torch.float)
+    shown = cm / cm.sum(1, keepdim=True).clamp(min=1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(shown, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            v = shown[i, j]
+            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center",
+                    fontsize=7, color="white" if v > shown.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,91 @@
+"""One registry, one `create_model`: every model declares how it must be fed and explained.
+
+A model is added by registering it once (see cifar_cnn.py, timm_models.py); nothing else in
+the code names it. The spec travels into every checkpoint's meta.json, so a loaded model
+is always preprocessed and explained the way it was trained.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_size: int              # square side the network is fed (images are resized to it)
+    mean: tuple                  # normalization applied after scaling pixels to [0, 1]
+    std: tuple
+    cam_layer: str               # dotted path of the Grad-CAM target module ("blocks.-1.norm1")
+    reshape: str | None = None   # "vit": tokens -> spatial grid before Grad-CAM
+    family: str = "timm"         # "custom" or "timm"
+    description: str = ""
+    kwargs: dict = field(default_factory=dict)  # builder defaults, overridable in create_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: ModelSpec
+    builder: Callable[..., nn.Module]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(spec: ModelSpec):
+    """Decorator: `@register_model(ModelSpec(...))` over `builder(num_classes, pretrained, **kw)`."""
+    def wrap(builder):
+        if spec.name in _REGISTRY:
+            raise ValueError(f"model {spec.name!r} is registered twice")
+        _REGISTRY[spec.name] = _Entry(spec, builder)
+        return builder
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _REGISTRY[name].spec
+
+
+def create_model(name: str, num_classes: int = 10, pretrained: bool | str = False,
+                 pretrained_file: str | None = None, **kwargs) -> nn.Module:
+    """Build a registered model. The result carries `.spec` (a ModelSpec) and `.model_kwargs`.
+
+    pretrained: False, True (the best source available: offline package, else the online hub),
+    or a source name ("hub", "package"). pretrained_file: a local weights file (safetensors).
+    """
+    spec = get_spec(name)
+    merged = {**spec.kwargs, **kwargs}
+    model = _REGISTRY[name].builder(num_classes=num_classes, pretrained=pretrained, **merged)
+    if pretrained_file:
+        from .pretrained import load_weights_file
+        load_weights_file(model, pretrained_file)
+    model.spec = spec
+    model.model_kwargs = merged
+    return model
+
+
+def resolve_module(model: nn.Module, dotted: str) -> nn.Module:
+    """`"blocks.-1.norm1"` -> model.blocks[-1].norm1 (negative indices allowed)."""
+    module = model
+    for part in dotted.split("."):
+        if part.lstrip("-").isdigit():
+            module = module[int(part)]
+        else:
+            module = getattr(module, part)
+    return module

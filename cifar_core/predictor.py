@@ -1,0 +1,65 @@
+"""Predictor: the one way a model turns uint8 images into calibrated probabilities.
+
+preprocess per the model's spec (resize, normalize) -> logits (optionally averaged over
+test-time augmentations) -> / temperature -> softmax. Training evaluation, the CLI, the
+ensemble and the demo all go through here, so they can never disagree on preprocessing.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import normalize, resize, to_float
+
+
+def preprocess(images_u8: torch.Tensor, spec) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> normalized float at the model's input size."""
+    return normalize(resize(to_float(images_u8), spec.input_size), spec.mean, spec.std)
+
+
+def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, batch) pairs. 0: identity; 1: + mirror; 2: + mirrors of 1-pixel shifts."""
+    views = [(1.0, x)]
+    if level >= 1:
+        views = [(0.5, x), (0.5, x.flip(-1))]
+    if level >= 2:
+        pad = max(1, x.shape[-1] // 32)  # one CIFAR pixel at any input size
+        padded = F.pad(x, (pad,) * 4, mode="reflect")
+        h, w = x.shape[-2:]
+        up_left = padded[..., :h, :w]
+        down_right = padded[..., 2 * pad:, 2 * pad:]
+        views = [(0.25, x), (0.25, x.flip(-1))] + [
+            (0.125, v) for s in (up_left, down_right) for v in (s, s.flip(-1))]
+    return views
+
+
+class Predictor:
+    """Wraps a model in eval mode with its spec, TTA level and calibration temperature."""
+
+    def __init__(self, model: nn.Module, spec=None, tta: int = 0, temperature: float = 1.0,
+                 batch_size: int = 500, name: str | None = None):
+        self.model = model.eval()
+        self.spec = spec or model.spec
+        self.tta = tta
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.name = name or self.spec.name
+        self.lock = threading.Lock()  # one request at a time per model: BN/hooks are not re-entrant
+
+    @torch.inference_mode()
+    def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
+        """Raw (uncalibrated) logits, TTA-averaged, for a uint8 batch of any size."""
+        level = self.tta if tta is None else tta
+        outs = []
+        with self.lock:
+            for start in range(0, len(images_u8), self.batch_size):
+                x = preprocess(images_u8[start:start + self.batch_size], self.spec)
+                x = x.contiguous(memory_format=torch.channels_last)
+                outs.append(sum(w * self.model(v) for w, v in tta_views(x, level)))
+        return torch.cat(outs) if outs else torch.empty(0, 10)
+
+    def probs(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
+        return torch.softmax(self.logits(images_u8, tta) / self.temperature, dim=1)

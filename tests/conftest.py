@@ -1,0 +1,34 @@
+"""Shared fixtures. Real-data tests read CIFAR10_DIR; outside CI they skip when it is absent,
+in CI (CI=true) a missing data folder is a failure, not a skip."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _data_dir():
+    path = os.environ.get("CIFAR10_DIR")
+    if path and Path(path).is_dir():
+        return path
+    default = ROOT.parent / "shared" / "data" / "cifar10"
+    return str(default) if default.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = _data_dir()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CIFAR10_DIR is not set or missing in CI: real-data tests must run")
+        pytest.skip("real CIFAR-10 data not found: set CIFAR10_DIR to the ImageFolder copy (../shared/data/cifar10)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar(data_dir):
+    from cifar_core.data import load_cifar10
+    return load_cifar10(data_dir)

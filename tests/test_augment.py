@@ -1,0 +1,54 @@
+import torch
+
+from cifar_core.augment import (AugmentConfig, alternate_flip, augment_batch, cutout, random_translate,
+                                resize)
+
+
+def batch(n=64, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_augment_keeps_shape_dtype_and_range():
+    x = batch()
+    for cfg in (AugmentConfig(), AugmentConfig(cutout=8, flip_mode="random"), AugmentConfig(translate=4)):
+        y = augment_batch(x, cfg, torch.Generator().manual_seed(1), indices=torch.arange(64))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.min() >= 0 and y.max() <= 1
+        assert not torch.equal(x, y)
+
+
+def test_translate_is_a_shift_of_the_padded_image():
+    x = batch(200)
+    y = random_translate(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    shifts = set()
+    for i in range(len(x)):
+        match = [(oy, ox) for oy in range(5) for ox in range(5)
+                 if torch.equal(padded[i, :, oy:oy + 32, ox:ox + 32], y[i])]
+        assert match, "each output must be a crop of its own padded image"
+        shifts.add(match[0])
+    assert len(shifts) == 25  # every offset occurs
+
+
+def test_alternate_flip_flips_each_image_every_other_epoch():
+    x = batch(100)
+    idx = torch.arange(1000, 1100)
+    e0, e1 = alternate_flip(x, idx, 0, seed=0), alternate_flip(x, idx, 1, seed=0)
+    flipped0 = torch.tensor([torch.equal(e0[i], x[i].flip(-1)) for i in range(100)])
+    flipped1 = torch.tensor([torch.equal(e1[i], x[i].flip(-1)) for i in range(100)])
+    assert bool((flipped0 ^ flipped1).all())  # exactly one of two consecutive epochs flips
+    assert 30 < int(flipped0.sum()) < 70      # about half each epoch
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.ones(32, 3, 32, 32)
+    y = cutout(x, 8, torch.Generator().manual_seed(0))
+    zeros = (y == 0).all(1).flatten(1).sum(1)
+    assert bool((zeros > 0).all()) and bool((zeros <= 81).all())
+
+
+def test_resize():
+    x = batch(4)
+    assert resize(x, 64).shape == (4, 3, 64, 64)
+    assert resize(x, 32) is x
+    assert resize(torch.rand(2, 3, 64, 64), 32).shape == (2, 3, 32, 32)

@@ -1,0 +1,50 @@
+"""The CLI's errors: clear, naming the problem, exit status 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, env_extra=None):
+    import os
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "-1"], "--epochs: must be > 0"),
+    (["--batch-size", "many"], "--batch-size: expected a whole number"),
+    (["--model", "alexnet"], "invalid choice: 'alexnet'"),
+    (["--split", "random"], "invalid choice: 'random'"),
+    (["--level", "9"], "there is no level 9"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_flags(args, message):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_names_both_options(tmp_path):
+    r = run("--epochs", "1", "--out", str(tmp_path / "out"), env_extra={"CIFAR10_DIR": ""})
+    assert r.returncode == 2
+    assert "CIFAR10_DIR" in r.stderr and "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_bad_checkpoint(tmp_path):
+    (tmp_path / "ck").mkdir()
+    r = run("evaluate", str(tmp_path / "ck"))
+    assert r.returncode == 2 and "no meta.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_models_lists_registry():
+    r = run("models")
+    assert r.returncode == 0
+    for name in ("cifar_cnn", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224", "tf_efficientnet_lite0"):
+        assert name in r.stdout

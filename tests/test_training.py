@@ -1,0 +1,79 @@
+"""Short real-data training runs: the loop learns, resumes exactly, and runs under torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cifar_core import engine
+from cifar_core.engine import TrainConfig, train
+from conftest import ROOT
+
+
+def quick_config(data_dir, **kw):
+    base = dict(model="cifar_cnn_small", epochs=3, batch_size=200, train_subset=2000, data=data_dir,
+                progress=False, tta=0, lr=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_lowers_the_loss(cifar, data_dir, tmp_path):
+    result = train(quick_config(data_dir), out_dir=tmp_path / "run", data=cifar)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert result.history[-1]["val_acc"] > 0.3  # chance is 0.1
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    from cifar_core.data import make_split
+    assert meta["split"]["name"] == "seed"
+    assert meta["split"]["fingerprint"] == make_split(cifar, "seed", 0).fingerprint
+    assert len(meta["history"]) == 3 and meta["metrics"]["test"]["n"] == 6000
+    for name in ("model.safetensors", "meta.json", "history.jsonl", "curves.png", "confusion.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert not (tmp_path / "run" / "resume").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_kill_continues_the_same_run(cifar, data_dir, tmp_path, monkeypatch):
+    cfg = quick_config(data_dir, epochs=2, train_subset=1000)
+    reference = train(cfg, out_dir=tmp_path / "ref", data=cifar)
+
+    real_progress = engine._progress
+
+    def dying_progress(total, desc, enabled):
+        bar = real_progress(total, desc, False)
+        if desc.startswith("epoch 2"):
+            def update(n):
+                raise Interrupt("killed mid-epoch")
+            bar.update = update
+        return bar
+
+    monkeypatch.setattr(engine, "_progress", dying_progress)
+    with pytest.raises(Interrupt):
+        train(cfg, out_dir=tmp_path / "run", data=cifar)
+    # The kill left a resume point and no (half-written) checkpoint.
+    assert (tmp_path / "run" / "resume" / "state.json").exists()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    monkeypatch.setattr(engine, "_progress", real_progress)
+
+    resumed = train(cfg, out_dir=tmp_path / "run", data=cifar, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for k, v in reference.model.state_dict().items():
+        assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-4), k
+    assert abs(resumed.metrics["test"]["accuracy"] - reference.metrics["test"]["accuracy"]) < 0.002
+
+
+def test_torchrun_two_cpu_processes(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--model", "cifar_cnn_small", "--epochs", "1", "--train-subset", "800", "--batch-size", "200",
+           "--tta", "0", "--no-progress", "--data", data_dir, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["history"][0]["epoch"] == 1
+    assert meta["metrics"]["test"]["accuracy"] > 0.1
