@@ -47,7 +47,7 @@ class Predictor:
         self.temperature = temperature
         self.batch_size = batch_size
         self.name = name or self.spec.name
-        self.lock = threading.Lock()  # one request at a time per model: BN/hooks are not re-entrant
+        self.lock = threading.RLock()  # one request at a time per model (re-entrant: explain calls logits)
 
     @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
