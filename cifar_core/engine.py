@@ -99,15 +99,28 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Weight decay on conv/linear weights only; norms and biases get none (and their own lr)."""
-    decay, no_decay = [], []
+    """Weight decay on conv/linear weights only; norms and biases get none.
+
+    Normalization parameters also get their own lr (norm_bias_lr_scale): in our CNN the BN
+    scale is fixed, so the shift is the only per-channel knob and it must move fast. Other
+    biases (e.g. the whitening stem's) keep the base lr: scaling them too destabilizes training.
+    """
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    decay, norms, other = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        if id(p) in norm_params:
+            norms.append(p)
+        elif p.ndim <= 1 or name.endswith(".bias"):
+            other.append(p)
+        else:
+            decay.append(p)
     return [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.norm_bias_lr_scale},
+        {"params": norms, "weight_decay": 0.0, "lr_scale": cfg.norm_bias_lr_scale},
+        {"params": other, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
 
 

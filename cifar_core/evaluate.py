@@ -89,6 +89,7 @@ def plot_confusion(confusion, path: Path, classes=CLASSES, title: str = "", norm
     cm = torch.tensor(confusion, dtype=torch.float)
     shown = cm / cm.sum(1, keepdim=True).clamp(min=1) if normalize else cm
     fig, ax = plt.subplots(figsize=(7, 6))
+    shown = shown.numpy()
     im = ax.imshow(shown, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
