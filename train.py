@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy (0-1)")
     t.add_argument("--schedule", choices=("triangle", "cosine"), help="lr schedule after warmup")
     t.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation for reported metrics")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (slower on CPUs without native bf16: see benchmarks/RESULTS.md)")
+    t.add_argument("--lookahead", action=argparse.BooleanOptionalAction,
+                   help="lookahead weight averaging (pull towards a slow EMA every 5 steps)")
     t.add_argument("--train-subset", type=positive_int, help="train on this many images (stratified)")
     t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (timm hub, online)")
     t.add_argument("--pretrained-file", help="start from a local .safetensors weights file")
@@ -109,7 +113,8 @@ def cmd_train(args, parser) -> int:
              "optimizer": args.optimizer, "weight_decay": args.weight_decay,
              "label_smoothing": args.label_smoothing, "schedule": args.schedule, "tta": args.tta,
              "train_subset": args.train_subset, "seed": args.seed, "data": args.data, "split": args.split,
-             "split_seed": args.split_seed, "pretrained_file": args.pretrained_file}
+             "split_seed": args.split_seed, "pretrained_file": args.pretrained_file,
+             "bf16": args.bf16, "lookahead": args.lookahead}
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.pretrained:
         overrides["pretrained"] = True
