@@ -5,6 +5,9 @@
   python train.py --model cifar_cnn --epochs 2 --out runs/quick     # any model, any budget
   python train.py evaluate checkpoints/cifar_cnn --subset test      # re-measure a checkpoint
   python train.py models                                            # what can be trained
+  python train.py --level 5 --data ../shared/data/cifar10          # distill, export, int8, benchmark
+  python train.py export checkpoints/cifar_cnn                      # ONNX fp32 + int8 into exports/
+  python train.py distill --student cifar_cnn_small --epochs 8      # ensemble -> student, + its twin
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-COMMANDS = ("train", "evaluate", "models")
+COMMANDS = ("train", "evaluate", "calibrate", "models", "export", "distill")
 
 
 def positive_int(text: str) -> int:
@@ -88,7 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", action="store_true", help="(re)write curves.png and confusion.png beside it")
     data_args(e)
 
+    c = sub.add_parser("calibrate", help="fit a checkpoint's temperature on its val split and re-measure",
+                       description="Temperature scaling: fit T on the checkpoint's own val split (at its TTA "
+                                   "level), then rewrite meta.json's temperature and val/test metrics.")
+    c.add_argument("checkpoint", help="checkpoint folder")
+    c.add_argument("--data", help="CIFAR-10 folder (default: $CIFAR10_DIR, else the one it was trained on)")
+
     sub.add_parser("models", help="list registered models with their input size and Grad-CAM layer")
+
+    x = sub.add_parser("export", help="ONNX fp32 + static int8 exports of checkpoints (level 5)",
+                       description="Write exports/<checkpoint>/fp32.onnx and int8.onnx; int8 ranges are "
+                                   "calibrated on training images of the checkpoint's split.")
+    x.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: every one under checkpoints/)")
+    x.add_argument("--exports", default="exports", help="output root (default exports/)")
+    x.add_argument("--calibration-images", type=positive_int, default=512, help="training images for int8 ranges")
+    data_args(x)
+
+    d = sub.add_parser("distill", help="train a student from the ensemble's soft targets, and its twin without",
+                       description="Level 5 distillation: <student>_distilled and <student>_scratch under --out, "
+                                   "same recipe, budget, seeds and split; only the teacher differs.")
+    d.add_argument("--student", choices=list_models(), default="cifar_cnn_small")
+    d.add_argument("--epochs", type=positive_float, default=8.0)
+    d.add_argument("--alpha", type=float, default=0.7, help="weight of the soft targets (0-1)")
+    d.add_argument("--temperature", type=positive_float, default=4.0)
+    d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="runs/distill")
+    d.add_argument("--no-progress", action="store_true")
+    data_args(d)
     return parser
 
 
@@ -123,6 +153,8 @@ def cmd_train(args, parser) -> int:
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     cfg = replace(base, **overrides)
+    if cfg.distill_alpha > 0:  # level 5: a student needs its teacher, and the pipeline continues
+        return run_level5(cfg, Path(args.out or out), parser)
     out = Path(args.out or out or f"runs/{cfg.model}")
     if args.download and not cfg.data:
         from cifar_core.data import download_torchvision, cache_dir
@@ -137,16 +169,14 @@ def cmd_train(args, parser) -> int:
 
 def cmd_evaluate(args, parser) -> int:
     from cifar_core.checkpoint import load_checkpoint
-    from cifar_core.data import load_cifar10, make_split
+    from cifar_core.data import make_split
     from cifar_core.evaluate import evaluate_predictor, format_table, plot_confusion, plot_curves
     from cifar_core.predictor import Predictor
 
     model, meta = load_checkpoint(args.checkpoint)
     split_name = args.split or meta["split"]["name"]
     split_seed = meta["split"]["seed"] if args.split_seed is None else args.split_seed
-    # --data, else $CIFAR10_DIR, else the folder the checkpoint was trained from
-    fallback = None if os.environ.get("CIFAR10_DIR") else meta["train_config"].get("data")
-    data = load_cifar10(args.data or fallback)
+    data = load_data_for(meta, args.data)
     split = make_split(data, split_name, split_seed)
     tta = meta["metrics"].get("tta", 0) if args.tta is None else args.tta
     idx = split.indices(args.subset)
@@ -172,6 +202,40 @@ def cmd_evaluate(args, parser) -> int:
     return 0
 
 
+def load_data_for(meta: dict, data_flag: str | None):
+    """--data, else $CIFAR10_DIR, else the folder the checkpoint was trained from."""
+    from cifar_core.data import load_cifar10
+    fallback = None if os.environ.get("CIFAR10_DIR") else meta["train_config"].get("data")
+    return load_cifar10(data_flag or fallback)
+
+
+def cmd_calibrate(args, parser) -> int:
+    from cifar_core.checkpoint import atomic_write_json, load_checkpoint
+    from cifar_core.data import make_split
+    from cifar_core.ensemble import calibrated_metrics
+    from cifar_core.evaluate import plot_confusion
+    from cifar_core.predictor import Predictor
+
+    folder = Path(args.checkpoint)
+    model, meta = load_checkpoint(folder)
+    data = load_data_for(meta, args.data)
+    split = make_split(data, meta["split"]["name"], meta["split"]["seed"])
+    if split.fingerprint != meta["split"]["fingerprint"]:
+        parser.error(f"the data gives split {split.fingerprint}, the checkpoint was trained on "
+                     f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
+    metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
+    before = meta["metrics"].get("val", {}).get("nll")
+    meta.update(metrics=metrics, temperature=temperature)
+    meta.setdefault("commands", []).append("python train.py " + " ".join(sys.argv[1:]))
+    atomic_write_json(folder / "meta.json", meta)
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion"], folder / "confusion.png",
+                       title=f"{folder.name}: test confusion ({split.name} split)")
+    print(f"{folder}: temperature {temperature:.4f}; val NLL {before} -> {metrics['val']['nll']:.4f}, "
+          f"val ECE {metrics['val']['ece_uncalibrated']:.4f} -> {metrics['val']['ece']:.4f}")
+    return 0
+
+
 def cmd_models(args, parser) -> int:
     from cifar_core.evaluate import format_table
     from cifar_core.models import get_spec, list_models
@@ -181,6 +245,60 @@ def cmd_models(args, parser) -> int:
     return 0
 
 
+def cmd_export(args, parser) -> int:
+    from cifar_core.checkpoint import load_checkpoint
+    from cifar_core.data import load_cifar10, make_split
+    from cifar_core.ensemble import find_checkpoints
+    from cifar_core.export import calibration_images, export_checkpoint
+
+    folders = [Path(c) for c in args.checkpoints] or find_checkpoints()
+    if not folders:
+        parser.error("no checkpoints given and none under checkpoints/")
+    data = load_cifar10(args.data)
+    for folder in folders:
+        model, meta = load_checkpoint(folder)
+        split = make_split(data, args.split or meta["split"]["name"],
+                           meta["split"]["seed"] if args.split_seed is None else args.split_seed)
+        files = export_checkpoint(model, meta, folder.name, Path(args.exports) / folder.name,
+                                  calibration_images(data, split, args.calibration_images))
+        print(f"{folder}: " + ", ".join(f"{k} {p} ({p.stat().st_size / 2**20:.2f} MB)" for k, p in files.items()))
+    return 0
+
+
+def cmd_distill(args, parser) -> int:
+    from cifar_core.data import load_cifar10
+    from cifar_core.distill import distill_pair
+    from cifar_core.engine import TrainConfig
+
+    if not 0 < args.alpha <= 1:
+        parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
+    base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0)
+    results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
+                           args.temperature, args.teacher, base=base, progress=not args.no_progress)
+    for role, r in results.items():
+        print(f"{args.student} {role}: test accuracy {r.metrics['test']['accuracy']:.4f} ({r.out_dir})")
+    return 0
+
+
+def run_level5(cfg, out: Path, parser) -> int:
+    """Distill (student + twin), export shipped models and the students, then the benchmark tables."""
+    import subprocess
+    from cifar_core.data import load_cifar10
+    from cifar_core.distill import distill_pair
+    from cifar_core.ensemble import find_checkpoints
+
+    if not find_checkpoints():
+        parser.error("level 5 distills the shipped ensemble: train it first (python train.py --level 3)")
+    results = distill_pair(load_cifar10(cfg.data), out, cfg.model, cfg.epochs, cfg.seed, cfg.distill_alpha,
+                           cfg.distill_temperature, base=cfg, progress=cfg.progress)
+    students = [str(r.out_dir) for r in (results["scratch"], results["distilled"])]
+    data = ["--data", cfg.data] if cfg.data else []
+    subprocess.run([sys.executable, "train.py", "export", *map(str, find_checkpoints()), *students, *data],
+                   check=True)
+    bench = Path(__file__).resolve().parent / "benchmarks" / "export_latency.py"
+    return subprocess.run([sys.executable, str(bench), "--students", *students, *data]).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     from cifar_core.checkpoint import CheckpointError
     from cifar_core.data import DataSourceError
@@ -188,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "models": cmd_models}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "models": cmd_models, "export": cmd_export,
+               "distill": cmd_distill}[args.command]
     try:
         return handler(args, parser)
     except (CheckpointError, DataSourceError, PretrainedError) as e:

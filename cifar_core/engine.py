@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .augment import AugmentConfig, augment_batch, normalize, resize, to_float
 from .data import Cifar10, load_cifar10, make_split
-from .evaluate import evaluate_predictor, metrics_from_logits, plot_confusion, plot_curves
+from .ensemble import calibrated_metrics
+from .evaluate import evaluate_predictor, plot_confusion, plot_curves
 from .models import create_model
 from .predictor import Predictor
 
@@ -60,6 +61,9 @@ class TrainConfig:
     bf16: bool = False                # measured slower here: this CPU has no native bf16 matmul
     half_weights: bool = True         # save fp16 weights (metrics are measured on them)
     progress: bool = True
+    # distillation (level 5): 0 = plain training; >0 mixes in soft targets given to train()
+    distill_alpha: float = 0.0        # weight of the soft-target term (1 - alpha: hard labels)
+    distill_temperature: float = 4.0  # softens teacher and student alike; the term is scaled by T^2
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -165,6 +169,32 @@ def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     return torch.cat(picks).sort().values
 
 
+def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                     cfg: TrainConfig) -> torch.Tensor:
+    """Hinton et al.'s distillation loss: (1-a) CE(labels) + a T^2 KL(teacher_T || student_T).
+
+    T^2 keeps the soft term's gradient scale independent of T, so alpha means the same at any T.
+    """
+    t = cfg.distill_temperature
+    hard = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+    return (1 - cfg.distill_alpha) * hard + cfg.distill_alpha * soft
+
+
+def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, train_idx: torch.Tensor,
+                         cfg: TrainConfig) -> None:
+    if cfg.distill_alpha <= 0:
+        return
+    if teacher_logits is None:
+        raise ValueError("distill_alpha > 0 needs teacher_logits (one row per image of the data set)")
+    if teacher_logits.dim() != 2 or len(teacher_logits) != len(data):
+        raise ValueError(f"teacher_logits must be {len(data)} x classes (indexed like data.images), "
+                         f"got {tuple(teacher_logits.shape)}")
+    if not torch.isfinite(teacher_logits[train_idx]).all():
+        raise ValueError("teacher_logits has no (finite) value for some training images")
+
+
 def model_input(images_u8: torch.Tensor, spec) -> torch.Tensor:
     """Float, normalized, at the model's input size. Translation/flip act before resizing."""
     return normalize(resize(to_float(images_u8), spec.input_size), spec.mean, spec.std)
@@ -228,7 +258,10 @@ def _load_resume(out_dir: Path, model, optimizer, lookahead):
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | None = None,
-          resume: bool = False, extra_meta: dict | None = None) -> TrainResult:
+          resume: bool = False, extra_meta: dict | None = None,
+          teacher_logits: torch.Tensor | None = None) -> TrainResult:
+    """teacher_logits (len(data) x C, rows indexed like data.images) are the soft targets used
+    when cfg.distill_alpha > 0 (see cifar_core/distill.py)."""
     rank, world = _distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -239,6 +272,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     train_idx = split.train
     if cfg.train_subset:
         train_idx = train_idx[stratified_subset(data.labels[train_idx], cfg.train_subset, cfg.seed)]
+    check_teacher_logits(teacher_logits, data, train_idx, cfg)
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                          **cfg.model_kwargs)
     spec = model.spec
@@ -290,7 +324,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = train_model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            if cfg.distill_alpha > 0:
+                loss = soft_target_loss(out.float(), teacher_logits[train_idx[idx]], y, cfg)
+            else:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -338,15 +375,9 @@ def finalize(model, cfg: TrainConfig, data: Cifar10, split, out_dir: Path | None
     model.eval()
     if cfg.half_weights:
         ckpt.round_trip_fp16(model)
-    predictor = Predictor(model, model.spec, tta=cfg.tta)
-    metrics = {}
-    for subset in ("val", "test"):
-        idx = split.indices(subset)
-        if len(idx):
-            metrics[subset] = evaluate_predictor(predictor, data.images[idx], data.labels[idx])
-    metrics["tta"] = cfg.tta
+    metrics, temperature = calibrated_metrics(Predictor(model, model.spec, tta=cfg.tta), data, split)
     if out_dir:
-        meta = build_meta(model, cfg, data, split, metrics, history, extra_meta)
+        meta = build_meta(model, cfg, data, split, metrics, history, {"temperature": temperature, **(extra_meta or {})})
         ckpt.save_checkpoint(out_dir, model, meta, half=cfg.half_weights)
         if history:
             plot_curves(history, out_dir / "curves.png", title=out_dir.name)
@@ -375,7 +406,7 @@ def build_meta(model, cfg: TrainConfig, data: Cifar10, split, metrics: dict, his
                  "note": "offline JPEG q75 copy of CIFAR-10" if "imagefolder" in data.source else ""},
         "metrics": metrics,
         "history": history,
-        "temperature": 1.0,
+        "temperature": 1.0,  # replaced by the fitted one (see metrics.calibration)
         **(extra or {}),
     }
 

@@ -76,3 +76,42 @@ class Ensemble:
 
     def probs(self, images_u8: torch.Tensor) -> torch.Tensor:
         return self.combine(self.member_probs(images_u8))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T minimizing NLL of softmax(logits / T) (temperature scaling, Guo et al. 2017).
+
+    One scalar per model, fitted on validation data: accuracy is unchanged, confidences become
+    honest (label smoothing, for one, leaves a model underconfident)."""
+    logits = logits.detach().float().clone()  # a normal tensor even if made under inference_mode
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrated_metrics(predictor: Predictor, data, split) -> tuple[dict, float]:
+    """Val/test metrics at the predictor's TTA, with a temperature fitted on val (1.0 without val).
+
+    Returns (metrics, temperature); each subset also records its uncalibrated NLL and ECE."""
+    from .evaluate import metrics_from_logits
+    logits = {s: predictor.logits(data.images[split.indices(s)]) for s in ("val", "test")
+              if len(split.indices(s))}
+    labels = {s: data.labels[split.indices(s)] for s in logits}
+    temperature = fit_temperature(logits["val"], labels["val"]) if "val" in logits else 1.0
+    metrics = {}
+    for s in logits:
+        raw = metrics_from_logits(logits[s], labels[s])
+        metrics[s] = {**metrics_from_logits(logits[s], labels[s], temperature=temperature),
+                      "nll_uncalibrated": raw["nll"], "ece_uncalibrated": raw["ece"]}
+    metrics["tta"] = predictor.tta
+    metrics["calibration"] = {"method": "temperature scaling", "fitted_on": "val" if "val" in logits else "none",
+                              "temperature": temperature}
+    return metrics, temperature
