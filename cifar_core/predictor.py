@@ -47,7 +47,11 @@ class Predictor:
         self.temperature = temperature
         self.batch_size = batch_size
         self.name = name or self.spec.name
-        self.lock = threading.RLock()  # one request at a time per model (re-entrant: explain calls logits)
+        # One request at a time per model, shared by every Predictor that wraps it (hooks and BN
+        # state live on the module); re-entrant because explain() calls logits() while holding it.
+        if not hasattr(model, "_request_lock"):
+            model._request_lock = threading.RLock()
+        self.lock = model._request_lock
 
     @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
