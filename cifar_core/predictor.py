@@ -7,12 +7,18 @@ ensemble and the demo all go through here, so they can never disagree on preproc
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize, resize, to_float
+
+
+# Kept beside the models rather than on them, so that models stay deep-copyable (export, quantization).
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 def preprocess(images_u8: torch.Tensor, spec) -> torch.Tensor:
@@ -49,9 +55,8 @@ class Predictor:
         self.name = name or self.spec.name
         # One request at a time per model, shared by every Predictor that wraps it (hooks and BN
         # state live on the module); re-entrant because explain() calls logits() while holding it.
-        if not hasattr(model, "_request_lock"):
-            model._request_lock = threading.RLock()
-        self.lock = model._request_lock
+        with _LOCKS_GUARD:
+            self.lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
 
     @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
