@@ -1,0 +1,77 @@
+"""The CIFAR-10 lab demo: `python -m demo` (or `python demo/app.py`).
+
+Five tabs over whatever checkpoints exist under checkpoints/ (or $CIFAR_CHECKPOINTS). Named API
+endpoints for gradio_client: /predict, /compare, /explain (see demo/README_SECTION.md).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python demo/app.py` (Spaces): import the repo as `python -m demo` would,
+    # and not demo/ itself, whose module names (common, service, testing) could shadow libraries'
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import gradio as gr  # noqa: E402
+
+from cifar_core.images import MAX_FILE_BYTES  # noqa: E402
+from demo.service import Lab  # noqa: E402
+from demo.tab_classify import build_classify, build_compare, example_files  # noqa: E402
+from demo.tab_gradcam import build_gradcam  # noqa: E402
+from demo.tab_metrics import build_metrics  # noqa: E402
+from demo.tab_mistakes import build_mistakes  # noqa: E402
+
+QUEUE_SIZE = 32         # waiting requests beyond this are refused with "Queue is full" shown to the user
+WORKERS = 2             # model requests run at once (2 cores); each model also serializes on its own lock
+
+
+def build_app(lab: Lab, queue_size: int = QUEUE_SIZE, workers: int = WORKERS) -> gr.Blocks:
+    with gr.Blocks(title="CIFAR-10 lab") as app:
+        gr.Markdown(f"# CIFAR-10 lab\nEnsemble of {len(lab.members)} model(s): {', '.join(lab.names)}. "
+                    "Upload a photo of an airplane, automobile, bird, cat, deer, dog, frog, horse, ship or truck.")
+        with gr.Tabs():
+            with gr.Tab("Classify", id="classify"):
+                image = build_classify(lab)
+            with gr.Tab("Compare models", id="compare") as compare_tab:
+                build_compare(lab, image, compare_tab)
+            with gr.Tab("Grad-CAM", id="gradcam") as cam_tab:
+                build_gradcam(lab, image, cam_tab)
+            with gr.Tab("Training metrics", id="metrics"):
+                build_metrics(lab)
+            with gr.Tab("Mistakes", id="mistakes"):
+                build_mistakes(lab)
+    app.queue(max_size=queue_size, default_concurrency_limit=workers)
+    return app
+
+
+def launch_kwargs(**overrides) -> dict:
+    kw = dict(max_file_size=MAX_FILE_BYTES, show_error=True, theme=gr.themes.Soft())
+    kw.update(overrides)
+    return kw
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="CIFAR-10 lab demo")
+    p.add_argument("--checkpoints", help="folder of checkpoint folders (default $CIFAR_CHECKPOINTS or checkpoints/)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    t0 = time.perf_counter()
+    lab = Lab(args.checkpoints)
+    app = build_app(lab)
+    logging.getLogger("demo").info("built in %.1fs with models %s", time.perf_counter() - t0, lab.names)
+    app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, **launch_kwargs())
+    # Serving now. Warm the caches in the background (this also imports Grad-CAM's heavy
+    # dependencies), so the first click on an example answers instantly in every tab.
+    threading.Thread(target=lab.warm_up, args=(example_files(),), daemon=True, name="warm-up").start()
+    app.block_thread()
+
+
+if __name__ == "__main__":
+    main()

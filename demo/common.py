@@ -1,0 +1,68 @@
+"""Pieces every tab uses: the image input, user-facing errors, small display helpers."""
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from cifar_core.data import CLASSES
+from cifar_core.images import ImageInputError
+
+from .upload import UploadImage
+
+log = logging.getLogger("demo")
+PREDICTED = "predicted (ensemble)"
+ANY = "any"
+
+
+def image_input(label="Image", **kw) -> UploadImage:
+    return UploadImage(label=label, type="filepath", sources=["upload", "webcam", "clipboard"], height=280, **kw)
+
+
+def user_errors(fn):
+    """Turn expected failures into a message the user sees (gr.Error), and unexpected ones into a
+    logged traceback plus a short message: the request fails, the app keeps serving."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ImageInputError as e:
+            raise gr.Error(f"Could not use this image: {e}") from None
+        except (KeyError, ValueError) as e:
+            raise gr.Error(str(e).strip("'\"")) from None
+        except Exception as e:  # noqa: BLE001 - the boundary where nothing may escape
+            log.error("unexpected error in %s:\n%s", fn.__name__, traceback.format_exc())
+            raise gr.Error(f"Internal error ({type(e).__name__}); the app is still running, please try again.") from None
+    return wrapper
+
+
+def require_image(lab, upload) -> torch.Tensor:
+    if upload is None or (isinstance(upload, (bytes, str)) and not upload):
+        raise gr.Error("Upload an image first (or pick an example).")
+    return lab.decode(upload)
+
+
+def enlarged(image_u8: torch.Tensor, size: int = 160) -> np.ndarray:
+    """The 32x32 model input, shown enlarged with nearest neighbour so its real pixels stay visible."""
+    im = Image.fromarray(image_u8.permute(1, 2, 0).numpy())
+    return np.asarray(im.resize((size, size), Image.Resampling.NEAREST))
+
+
+def confidences(probs: np.ndarray) -> dict[str, float]:
+    return {c: float(p) for c, p in zip(CLASSES, probs)}
+
+
+def class_index(choice: str | None) -> int | None:
+    """A target/filter dropdown value -> class index; None for 'predicted' / 'any'."""
+    if choice in (None, "", PREDICTED, ANY):
+        return None
+    if choice not in CLASSES:
+        raise ValueError(f"unknown class {choice!r}; choose one of {', '.join(CLASSES)}")
+    return CLASSES.index(choice)

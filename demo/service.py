@@ -1,0 +1,176 @@
+"""What the tabs ask of the model zoo, behind one object: load every checkpoint, predict with
+caching, compare, explain. No Gradio here, so the same calls serve the UI, the API and tests.
+
+All model work goes through cifar_core (ensemble, predictor, explain, images); this file only
+caches and shapes results for display.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar_core.data import CLASSES
+from cifar_core.ensemble import DEFAULT_ROOT, Ensemble, load_zoo
+from cifar_core.images import decode_for_model
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ENSEMBLE = "ensemble"
+
+
+def checkpoints_root() -> Path:
+    """$CIFAR_CHECKPOINTS, else the repo's checkpoints/ (new folders there join without code changes)."""
+    return Path(os.environ.get("CIFAR_CHECKPOINTS") or DEFAULT_ROOT)
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache (results are tiny: 10 floats or a 32x32 map)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        return None
+
+    def put(self, key, value):
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+        return value
+
+
+@dataclass
+class Prediction:
+    image: torch.Tensor               # uint8 3x32x32, what the models see
+    probs: np.ndarray                 # ensemble, calibrated, C
+    members: dict[str, np.ndarray]    # model name -> calibrated probs
+    seconds: dict[str, float]         # model name -> latency of its forward pass(es) for this image
+    ood_score: float                  # max ensemble probability
+    ood: bool | None                  # None when no threshold is available
+
+    @property
+    def top(self) -> int:
+        return int(np.argmax(self.probs))
+
+
+def image_key(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def read_assets(assets_dir: Path = ASSETS_DIR) -> dict:
+    path = Path(assets_dir) / "assets.json"
+    if not path.exists():
+        warnings.warn(f"{path} is missing (run python -m demo.build_assets): no OOD threshold, no mistakes tab")
+        return {}
+    return json.loads(path.read_text())
+
+
+class Lab:
+    """The loaded zoo plus caches. Thread-safe: each Predictor holds its own lock."""
+
+    def __init__(self, root: str | Path | None = None, assets_dir: str | Path = ASSETS_DIR):
+        self.root = Path(root) if root else checkpoints_root()
+        self.members = load_zoo(self.root)
+        if not self.members:
+            raise SystemExit(f"no loadable checkpoints under {self.root}: train one (python train.py --level 3 "
+                             "--data ...) or set CIFAR_CHECKPOINTS to a folder of checkpoint folders")
+        self.by_name = {m.name: m for m in self.members}
+        self.ensemble = Ensemble(self.members)
+        self.assets_dir = Path(assets_dir)
+        self.assets = read_assets(self.assets_dir)
+        self.ood_threshold = self._ood_threshold()
+        self._predictions = LRU(512)
+        self._explanations = LRU(2048)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def _ood_threshold(self) -> float | None:
+        ood = self.assets.get("ood") or {}
+        if "threshold" not in ood:
+            return None
+        if sorted(ood.get("members", [])) != sorted(self.names):
+            warnings.warn(f"the OOD threshold was chosen for models {ood.get('members')}, but {self.names} are "
+                          "loaded; rerun python -m demo.build_assets to re-choose it")
+        return float(ood["threshold"])
+
+    # -- predictions ------------------------------------------------------------------------
+
+    def decode(self, upload) -> torch.Tensor:
+        return decode_for_model(upload)
+
+    def predict(self, image: torch.Tensor) -> Prediction:
+        key = image_key(image)
+        cached = self._predictions.get(key)
+        if cached is not None:
+            return cached
+        member = self.ensemble.member_probs(image[None])
+        probs = self.ensemble.combine(member)[0].numpy()
+        score = float(probs.max())
+        return self._predictions.put(key, Prediction(
+            image=image, probs=probs,
+            members={n: r["probs"][0].numpy() for n, r in member.items()},
+            seconds={n: r["seconds"] for n, r in member.items()},
+            ood_score=score,
+            ood=None if self.ood_threshold is None else score < self.ood_threshold))
+
+    def warm_up(self, uploads, method: str = "gradcam") -> None:
+        """Fill the caches for the example images (run in a background thread after launch), so
+        clicking an example answers instantly in every tab. Failures only cost the warm-up."""
+        for upload in uploads:
+            try:
+                image = self.decode(upload)
+                self.predict(image)
+                self.explain(image, self.names, method, None)
+            except Exception as e:  # noqa: BLE001 - a broken example must not stop the app
+                warnings.warn(f"warm-up skipped {upload}: {e}")
+
+    # -- explanations -----------------------------------------------------------------------
+
+    def explanation(self, image: torch.Tensor, model: str, method: str, target: int):
+        """Raw CAM of one model for one class, cached: opacity / scale changes redraw without recomputing."""
+        from cifar_core.explain import explain
+        key = (image_key(image), model, method, int(target))
+        cached = self._explanations.get(key)
+        if cached is not None:
+            return cached
+        return self._explanations.put(key, explain(self.by_name[model].predictor, image, method, int(target)))
+
+    def explain(self, image: torch.Tensor, models: list[str], method: str, target: int | None,
+                alpha: float = 0.5, shared: bool = False, with_ensemble: bool = True,
+                size: int = 256) -> list[tuple[np.ndarray, str]]:
+        """(overlay RGB, caption) per chosen model (+ the ensemble's weighted map), all for one class:
+        `target`, or the ensemble's predicted class when None."""
+        from cifar_core.explain import ensemble_map, normalize_maps, overlay
+        unknown = [m for m in models if m not in self.by_name]
+        if unknown:
+            raise KeyError(f"unknown model(s) {unknown}; loaded: {self.names}")
+        if target is None:
+            target = self.predict(image).top
+        explanations = [self.explanation(image, m, method, target) for m in models]
+        maps = normalize_maps([e.cam for e in explanations], shared=shared)
+        tiles = [(overlay(image, m, alpha, size), f"{e.model}: {CLASSES[e.target]} p={e.probability:.2f}")
+                 for e, m in zip(explanations, maps)]
+        if with_ensemble and len(explanations) > 1:
+            weights = [self.ensemble.weights[self.names.index(m)] for m in models]
+            combined = ensemble_map(explanations, weights)
+            p = float(self.predict(image).probs[target])
+            tiles.append((overlay(image, combined, alpha, size), f"{ENSEMBLE}: {CLASSES[target]} p={p:.2f}"))
+        return tiles

@@ -1,0 +1,68 @@
+"""Grad-CAM tab: overlays of the chosen models (and their ensemble) for one target class."""
+from __future__ import annotations
+
+import gradio as gr
+
+from cifar_core.data import CLASSES
+
+from .common import PREDICTED, class_index, confidences, enlarged, require_image, user_errors
+
+
+# The keys of cifar_core.explain.METHODS. Importing that module pulls in pytorch_grad_cam and
+# torchvision (~5 s on 2 cores), so it loads in the background warm-up instead of delaying the
+# start; tests/test_demo_api.py checks that this list matches.
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam")
+
+
+def explain(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5, shared=False,
+            with_ensemble=True):
+    """-> (gallery: the input, then (overlay, caption) per model and the ensemble; the ensemble's
+    prediction as a clickable label)."""
+    if method not in CAM_METHODS:
+        raise gr.Error(f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    models = list(models or [])
+    if not models:
+        raise gr.Error("Choose at least one model.")
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise gr.Error(f"opacity must be between 0 and 1, got {opacity}")
+    image = require_image(lab, upload)
+    # The input first: the maps are read against it (and a one-tile gallery would open in preview mode).
+    tiles = [(enlarged(image, 256), "input (what the models see)")] + lab.explain(image, models, method, class_index(target), alpha=float(opacity), shared=bool(shared),
+                        with_ensemble=bool(with_ensemble))
+    return tiles, confidences(lab.predict(image).probs)
+
+
+def build_gradcam(lab, image, tab):
+    gr.Markdown("Class-activation maps for the image in the **Classify** tab. Click a class in the "
+                "prediction to re-target every map.")
+    with gr.Row():
+        models = gr.CheckboxGroup(lab.names, value=lab.names, label="Models")
+        method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method")
+        target = gr.Dropdown([PREDICTED, *CLASSES], value=PREDICTED, label="Target class")
+    with gr.Row():
+        opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Map opacity")
+        shared = gr.Checkbox(False, label="Shared colour scale across models")
+        with_ensemble = gr.Checkbox(True, label="Add the ensemble's map")
+        button = gr.Button("Explain", variant="primary")
+    with gr.Row():
+        gallery = gr.Gallery(label="Overlays", columns=4, height=300, object_fit="contain", format="png", preview=False,
+                             elem_id="cam-gallery")
+        prediction = gr.Label(num_top_classes=10, label="Ensemble prediction (click a class to target it)",
+                              elem_id="cam-label")
+    inputs = [image, models, method, target, opacity, shared, with_ensemble]
+    outputs = [gallery, prediction]
+    fn = user_errors(lambda *a: explain(lab, *a))
+    button.click(fn, inputs, outputs, api_name="explain", concurrency_id="models")
+
+    def refresh(upload, *rest):  # UI-driven updates: quietly do nothing until there is an image
+        return fn(upload, *rest) if upload is not None else (gr.skip(), gr.skip())
+    tab.select(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
+    for control in (models, method, target, shared, with_ensemble):
+        control.input(refresh, inputs, outputs, api_visibility="private", concurrency_id="models",
+                      trigger_mode="always_last")
+    opacity.release(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
+
+    def retarget(evt: gr.SelectData):
+        return evt.value if evt.value in CLASSES else gr.skip()
+    prediction.select(retarget, None, target, api_visibility="private").then(
+        refresh, inputs, outputs, api_visibility="private", concurrency_id="models")

@@ -1,0 +1,219 @@
+"""The demo's named endpoints through gradio_client against a launched app: good inputs give
+well-formed answers, bad inputs give a clear error, and the app keeps serving afterwards."""
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from cifar_core.data import CLASSES  # noqa: E402
+from demo.app import build_app  # noqa: E402
+from demo.service import Lab  # noqa: E402
+from demo.tab_classify import example_files  # noqa: E402
+from demo.testing import launched, make_fake_zoo  # noqa: E402
+
+MODELS = ["fake_0", "fake_1"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return Lab(make_fake_zoo(tmp_path_factory.mktemp("zoo")))
+
+
+@pytest.fixture(scope="module")
+def client(lab):
+    with launched(build_app(lab)) as url:
+        yield Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uploads")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8))
+    made = {}
+
+    def put(name, payload):
+        made[name] = d / name
+        made[name].write_bytes(payload)
+
+    def enc(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+    put("photo.png", enc(photo, "PNG"))
+    put("photo.jpg", enc(photo, "JPEG"))
+    put("rgba.png", enc(photo.convert("RGBA"), "PNG"))
+    put("gray.webp", enc(photo.convert("L"), "WEBP"))
+    put("cmyk.jpg", enc(photo.convert("CMYK"), "JPEG"))
+    put("tiny.bmp", enc(Image.new("RGB", (1, 1), (200, 10, 10)), "BMP"))
+    put("16bit.tiff", enc(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "TIFF"))
+    put("notes.txt", b"definitely not an image")
+    put("empty.png", b"")
+    jpeg = enc(photo.resize((400, 400)), "JPEG")
+    put("truncated.jpg", jpeg[: len(jpeg) // 3])
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    put("bomb.png", b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return made
+
+
+def test_method_list_matches_cifar_core():
+    from cifar_core.explain import METHODS
+    from demo.tab_gradcam import CAM_METHODS
+    assert list(CAM_METHODS) == list(METHODS)
+
+
+def test_only_the_named_endpoints_are_public(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/predict", "/compare", "/explain"}
+
+
+@pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "rgba.png", "gray.webp", "cmyk.jpg", "tiny.bmp",
+                                  "16bit.tiff"])
+def test_predict_accepts_any_image(client, files, name):
+    label, seen, notice = client.predict(handle_file(str(files[name])), api_name="/predict")
+    assert label["label"] in CLASSES
+    top5 = label["confidences"]
+    assert len(top5) == 5 and all(0 <= c["confidence"] <= 1 for c in top5)
+    assert top5 == sorted(top5, key=lambda c: -c["confidence"])
+    assert Image.open(seen).size[0] >= 32
+    assert notice  # either the OOD notice or the in-distribution line
+
+
+def test_predict_on_shipped_examples(client):
+    examples = example_files()
+    assert any("cifar_" in e for e in examples) and any("photo_" in e for e in examples)
+    for path in examples[:3]:
+        label, _, _ = client.predict(handle_file(path), api_name="/predict")
+        assert label["label"] in CLASSES
+
+
+@pytest.mark.parametrize("name,message", [
+    ("notes.txt", "not an image"), ("empty.png", "empty"), ("truncated.jpg", "damaged or incomplete"),
+    ("bomb.png", "too large|limit")])
+def test_bad_uploads_give_a_clear_error_and_the_app_survives(client, files, name, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(files[name])), api_name="/predict")
+    label, _, _ = client.predict(handle_file(str(files["photo.png"])), api_name="/predict")
+    assert label["label"] in CLASSES
+
+
+def test_missing_image_is_explained(client):
+    with pytest.raises(AppError, match="Upload an image"):
+        client.predict(None, api_name="/predict")
+
+
+def test_compare_lists_every_model_and_the_ensemble(client, files):
+    badge, table = client.predict(handle_file(str(files["photo.jpg"])), 3, api_name="/compare")
+    assert table["headers"] == ["model", "top-1", "top-2", "top-3", "latency ms"]
+    assert [row[0] for row in table["data"]] == MODELS + ["ensemble"]
+    assert all(row[-1] >= 0 for row in table["data"])
+    assert "Agree" in badge or "Disagree" in badge
+
+
+def test_compare_rejects_bad_k(client, files):
+    with pytest.raises(AppError, match="k must be|less than minimum"):
+        client.predict(handle_file(str(files["photo.jpg"])), 0, api_name="/compare")
+
+
+def test_explain_gives_one_overlay_per_model_plus_ensemble(client, files):
+    gallery, label = client.predict(handle_file(str(files["photo.png"])), MODELS, "gradcam",
+                                    "predicted (ensemble)", 0.5, False, True, api_name="/explain")
+    assert gallery[0]["caption"].startswith("input")
+    maps = gallery[1:]
+    assert [g["caption"].split(":")[0] for g in maps] == MODELS + ["ensemble"]
+    target = label["label"]
+    assert all(f": {target} " in g["caption"] for g in maps)  # one shared target: the ensemble's class
+    assert Image.open(maps[0]["image"]).size == (256, 256)
+
+
+def test_explain_retargets_every_map(client, files):
+    gallery, _ = client.predict(handle_file(str(files["photo.png"])), MODELS[:1], "gradcam++", "ship", 0.3, True,
+                                False, api_name="/explain")
+    assert len(gallery) == 2 and ": ship " in gallery[1]["caption"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (([], "gradcam", "predicted (ensemble)"), "at least one model"),
+    ((["nope"], "gradcam", "predicted (ensemble)"), "nope"),
+    ((MODELS, "magic", "predicted (ensemble)"), "unknown method|not in the list of choices"),
+    ((MODELS, "gradcam", "unicorn"), "unknown class|not in the list of choices"),
+])
+def test_explain_bad_arguments(client, files, args, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(files["photo.png"])), *args, 0.5, False, True, api_name="/explain")
+
+
+def test_concurrent_clients_all_get_answers(client, files):
+    def one(i):
+        name = ["photo.png", "photo.jpg", "gray.webp", "tiny.bmp"][i % 4]
+        return client.predict(handle_file(str(files[name])), api_name="/predict")[0]["label"]
+    with ThreadPoolExecutor(4) as pool:
+        assert all(label in CLASSES for label in pool.map(one, range(8)))
+
+
+def test_full_queue_is_reported(lab, files):
+    """With room for one waiting request, a burst must be partly refused with the queue-full message."""
+    with launched(build_app(lab, queue_size=1, workers=1)) as url:
+        c = Client(url, verbose=False)
+        jobs = [c.submit(handle_file(str(files["photo.png"])), MODELS, "scorecam", "cat", 0.5, False, True,
+                         api_name="/explain") for _ in range(8)]
+        errors = []
+        for job in jobs:
+            try:
+                job.result(timeout=120)
+            except Exception as e:  # noqa: BLE001 - the refusal type varies with the client version
+                errors.append(str(e))
+        assert errors and all("full" in e.lower() for e in errors), errors
+        assert len(errors) < len(jobs)  # the ones that got in were answered
+
+
+@pytest.mark.parametrize("command", [["-m", "demo"], ["demo/app.py"]])
+def test_both_start_commands_parse(command):
+    """`python -m demo` and `python demo/app.py` (how Spaces starts it) import the same app."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, *command, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--checkpoints" in out.stdout
+
+
+def test_inline_data_url_uploads_reach_our_decoder(files):
+    """Webcam/paste payloads can arrive as data: URLs; they must go through cifar_core.images too."""
+    import base64
+
+    from gradio.data_classes import ImageData
+
+    from cifar_core.images import decode_for_model
+    from demo.upload import UploadImage
+    payload = base64.b64encode(files["photo.png"].read_bytes()).decode()
+    raw = UploadImage().preprocess(ImageData(url=f"data:image/png;base64,{payload}"))
+    assert decode_for_model(raw).shape == (3, 32, 32)
+    assert UploadImage().preprocess(ImageData(path=str(files["notes.txt"]))) == str(files["notes.txt"])
+
+
+def test_the_shipped_app_recognizes_the_shipped_cifar_examples():
+    """The app as users get it (shipped checkpoints, shipped assets) over HTTP: the real models
+    must get the real CIFAR example images right, and say they look like CIFAR-10."""
+    shipped = Lab()  # checkpoints/ of the repository
+    cifar_examples = [p for p in example_files() if Path(p).name.startswith("cifar_")]
+    assert len(cifar_examples) == 10
+    with launched(build_app(shipped)) as url:
+        client = Client(url, verbose=False)
+        correct = 0
+        for path in cifar_examples:
+            label, _, notice = client.predict(handle_file(path), api_name="/predict")
+            correct += label["label"] == Path(path).stem.removeprefix("cifar_")
+        assert correct >= 8, f"the shipped ensemble got {correct}/10 shipped CIFAR examples right"

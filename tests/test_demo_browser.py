@@ -1,0 +1,157 @@
+"""The demo in a real browser (Playwright + Debian's Chromium): what a user clicks, they see.
+
+Needs `apt-get install chromium` (the test skips when /usr/bin/chromium is missing, and fails in CI
+where CI=true). Screenshots go to test-artifacts/ for a human to look at.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+from cifar_core.data import CLASSES  # noqa: E402
+from demo.app import build_app  # noqa: E402
+from demo.service import Lab  # noqa: E402
+from demo.testing import launched, make_fake_zoo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+EXAMPLE = ROOT / "demo" / "examples" / "cifar_cat.png"
+ANY_CLASS = re.compile("|".join(CLASSES))
+TIMEOUT = 30_000  # ms; generous for a loaded 2-core machine, never a performance assertion
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: apt-get install -y chromium")
+        pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
+    lab = Lab(make_fake_zoo(tmp_path_factory.mktemp("zoo")))
+    with launched(build_app(lab)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def browser(url):
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    pg.goto(url)
+    pg.wait_for_selector("#upload input[type=file]", state="attached")
+    yield pg
+    context.close()
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def upload(page, path):
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+
+
+def top_label(page) -> str:
+    heading = page.locator("#top5 h2, #top5 .output-class").first
+    heading.wait_for()
+    playwright.expect(heading).to_have_text(ANY_CLASS)
+    return heading.inner_text().strip()
+
+
+def test_upload_classify_then_gradcam_then_metrics(page):
+    upload(page, EXAMPLE)
+    assert top_label(page) in CLASSES
+    playwright.expect(page.locator("#seen img")).to_be_visible()
+    playwright.expect(page.locator("#ood-notice")).to_contain_text(re.compile("distribution|CIFAR-10 class|unavailable"))
+    shot(page, "1_classify")
+
+    page.get_by_role("tab", name="Grad-CAM").click()
+    overlays = page.locator("#cam-gallery img")
+    playwright.expect(overlays.first).to_be_visible()
+    assert overlays.count() == 4  # the input, two models, their ensemble
+    shot(page, "2_gradcam")
+
+    page.get_by_role("tab", name="Training metrics").click()
+    playwright.expect(page.locator("#curves-plot img, #curves-plot canvas, #curves-plot svg").first).to_be_visible()
+    playwright.expect(page.locator("#confusion-plot img")).to_be_visible()
+    playwright.expect(page.locator("#model-card")).to_contain_text("Parameters")
+    playwright.expect(page.locator("#levels-table")).to_contain_text("Levels")
+    shot(page, "3_metrics")
+
+
+def test_clicking_a_class_retargets_every_map(page):
+    upload(page, EXAMPLE)
+    top_label(page)
+    page.get_by_role("tab", name="Grad-CAM").click()
+    playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
+    target = next(c for c in ("ship", "frog") if c not in page.locator("#cam-gallery").inner_text())
+    page.locator(f"#cam-label [data-testid='{target}-confidence-set']").click()
+    captions = page.locator("#cam-gallery")
+    for name in ("fake_0", "fake_1", "ensemble"):
+        playwright.expect(captions).to_contain_text(f"{name}: {target} p=")
+    shot(page, "2b_gradcam_retargeted")
+
+
+def test_clicking_an_example_classifies_it(page):
+    page.locator("#examples img").first.click()  # the examples start with cifar_airplane.png
+    playwright.expect(page.locator("#upload img").first).to_have_attribute("src", re.compile("cifar_airplane"))
+    assert top_label(page) in CLASSES
+
+
+def test_compare_tab_shows_every_model(page):
+    upload(page, EXAMPLE)
+    top_label(page)
+    page.get_by_role("tab", name="Compare models").click()
+    playwright.expect(page.locator("#agree-badge")).to_contain_text(re.compile("Agree|Disagree"))
+    table = page.locator("#compare-table")
+    for name in ("fake_0", "fake_1", "ensemble"):
+        playwright.expect(table).to_contain_text(name)
+    shot(page, "4_compare")
+
+
+def test_bad_upload_shows_a_message_and_the_next_upload_works(page, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is text pretending to be a PNG")
+    upload(page, bad)
+    playwright.expect(page.locator("#ood-notice")).to_contain_text("not an image we can read")
+    shot(page, "5_bad_upload")
+    page.locator("#upload button[aria-label='Remove Image']").click()
+    upload(page, EXAMPLE)
+    assert top_label(page) in CLASSES
+
+
+def test_mistakes_tab_filters_and_inspects(page):
+    page.get_by_role("tab", name="Mistakes").click()
+    gallery = page.locator("#mistakes-gallery img")
+    playwright.expect(gallery.first).to_be_visible()
+    before = gallery.count()
+    # click the confusion cell of the most frequent shipped mistake (true t, predicted p)
+    mistakes = np.load(ROOT / "demo" / "assets" / "mistakes.npz")
+    pairs = Counter(zip(mistakes["labels"].tolist(), mistakes["predictions"].tolist()))
+    (t, p), _ = pairs.most_common(1)[0]
+    page.locator(f"#mistakes-confusion [data-testid='cell-{t}-{1 + p}']").click()
+    page.wait_for_function("n => document.querySelectorAll('#mistakes-gallery img').length !== n", arg=before)
+    captions = page.locator("#mistakes-gallery").inner_text()
+    assert f"true {CLASSES[t]} → {CLASSES[p]}" in captions
+    others = {f"true {c} " for c in CLASSES if c != CLASSES[t]}
+    assert not any(o in captions for o in others)
+    gallery.first.click()
+    playwright.expect(page.locator("#mistake-models")).to_contain_text("ensemble")
+    playwright.expect(page.locator("#mistake-cams img").first).to_be_visible()
+    shot(page, "6_mistakes")
