@@ -1,0 +1,102 @@
+"""The HTTP layer: FastAPI routes under /api/v1, /healthz, the Gradio demo mounted at /demo.
+
+    python -m uvicorn api.app:create_app --factory --host 127.0.0.1 --port 8000
+
+Environment: CIFAR_CHECKPOINTS (zoo folder, as for the demo), CIFAR_EXPORTS (int8 edge models,
+default exports/), CIFAR_API_DEMO=0 to serve the API without mounting the demo.
+Every input error is a 4xx with {"detail": "<what to fix>"}; a 5xx means a bug on our side.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from cifar_core.images import MAX_FILE_BYTES
+
+from .service import ApiService, ClientError, parse_target
+
+VERSION = "1"
+# The multipart framing around one file is a few hundred bytes; the image limit itself is
+# checked again after reading (413 either way), so the body can never grow unbounded in memory.
+MAX_BODY_BYTES = MAX_FILE_BYTES + 64 * 1024
+FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 1024}
+UPLOAD = File(..., description=f"the image (PNG, JPEG, WebP, GIF, BMP, TIFF), at most "
+                               f"{MAX_FILE_BYTES // 2**20} MB")
+MODEL = Query("ensemble", description="'ensemble', a zoo member or an edge (int8) model; see GET /api/v1/models")
+log = logging.getLogger("api")
+
+
+def read_upload(service: ApiService, file: UploadFile):
+    data = file.file.read(MAX_FILE_BYTES + 1)
+    return service.decode(data)
+
+
+def build_router(service: ApiService) -> APIRouter:
+    router = APIRouter(prefix=f"/api/v{VERSION}", max_body_size=MAX_BODY_BYTES, form_limits=FORM_LIMITS)
+
+    @router.get("/models", summary="Zoo members, edge models and the ensemble, with versions")
+    def models() -> dict:
+        return service.models()
+
+    # Plain `def` endpoints: FastAPI runs them in its thread pool, so CPU-bound inference does
+    # not block the event loop; each Predictor serializes its own model with a lock.
+    @router.post("/predict", summary="Classify one image: per-model and ensemble probabilities, top-k")
+    def predict(file: UploadFile = UPLOAD, model: str = MODEL,
+                top_k: int = Query(3, ge=1, le=10, description="how many classes to rank")) -> dict:
+        t0 = time.perf_counter()
+        image = read_upload(service, file)
+        t1 = time.perf_counter()
+        result = service.predict(image, model, top_k)
+        t2 = time.perf_counter()
+        result["latency_ms"] = {"decode": round(1000 * (t1 - t0), 3), "inference": round(1000 * (t2 - t1), 3),
+                                "total": round(1000 * (t2 - t0), 3)}
+        return result
+
+    @router.post("/explain", summary="Grad-CAM overlay of one image as PNG",
+                 responses={200: {"content": {"image/png": {}}, "description": "the overlay"}},
+                 response_class=Response)
+    def explain(file: UploadFile = UPLOAD,
+                model: str = Query("ensemble", description="'ensemble' or a zoo member (edge models have no CAM)"),
+                method: str = Query("gradcam", description="gradcam, gradcam++, hirescam, layercam, eigencam, scorecam"),
+                target: str | None = Query(None, description="class name or index; default: the prediction"),
+                alpha: float = Query(0.5, ge=0.0, le=1.0, description="opacity of the heat map"),
+                size: int = Query(256, ge=32, le=1024, description="side of the PNG in pixels")) -> Response:
+        image = read_upload(service, file)
+        png, chosen = service.explain_png(image, model, method, parse_target(target), alpha, size)
+        from cifar_core.data import CLASSES
+        return Response(png, media_type="image/png", headers={"X-Model": model, "X-Target": CLASSES[chosen]})
+
+    return router
+
+
+def create_app(service: ApiService | None = None, demo: bool | None = None) -> FastAPI:
+    """The ASGI app (uvicorn's --factory calls this with no arguments)."""
+    service = service or ApiService.load()
+    demo = os.environ.get("CIFAR_API_DEMO", "1") != "0" if demo is None else demo
+    app = FastAPI(title="CIFAR-10 lab API", version=VERSION,
+                  description="Classify CIFAR-10 classes and explain the decision. The demo UI is at /demo.")
+    app.include_router(build_router(service))
+
+    @app.exception_handler(ClientError)
+    def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.get("/healthz", summary="Liveness and what is loaded")
+    def healthz() -> dict:
+        return {"status": "ok", "models": service.lab.names, "edge_models": list(service.edge), "demo": demo}
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/demo/" if demo else "/docs")
+
+    if demo:
+        import gradio as gr
+        from demo.app import build_app
+        blocks = build_app(service.lab)
+        app = gr.mount_gradio_app(app, blocks, path="/demo", max_file_size=MAX_FILE_BYTES, show_error=True)
+    log.info("API ready: models %s, edge %s, demo %s", service.lab.names, list(service.edge), demo)
+    return app

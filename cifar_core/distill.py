@@ -1,0 +1,79 @@
+"""Distillation: the zoo's ensemble teaches a small student; its twin trains on labels alone.
+
+    result = distill_pair(data, "runs/distill", student="cifar_cnn_small", epochs=8)
+
+Both twins run the same recipe, budget, seeds and split (`train` with the same TrainConfig);
+only `distill_alpha` differs, so the accuracy gap is the teacher's effect.
+
+The teacher's soft targets are the ensemble's calibrated, flip-averaged probabilities on each
+un-augmented training image, as log-probabilities (valid logits: softmax(log p) = p). They are
+computed once, before training (the teacher never runs inside the loop), and saved beside
+the students with the teacher's identity.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .data import Cifar10, make_split
+from .engine import TrainConfig, train
+from .ensemble import DEFAULT_ROOT, Ensemble, load_zoo
+
+TEACHER_FILE = "teacher_logits.safetensors"
+
+
+def teacher_identity(members) -> list[dict]:
+    return [{"name": m.name, "saved_at": m.meta.get("saved_at"), "temperature": m.meta.get("temperature", 1.0)}
+            for m in members]
+
+
+def teacher_logits(members, data: Cifar10, indices: torch.Tensor) -> torch.Tensor:
+    """len(data) x C log-probabilities of the ensemble on `indices`; NaN on every other row, so a
+    student can never silently learn from a row the teacher did not see."""
+    probs = Ensemble(members).probs(data.images[indices])
+    out = torch.full((len(data), probs.shape[1]), float("nan"))
+    out[indices] = probs.clamp_min(1e-8).log()
+    return out
+
+
+def cached_teacher_logits(members, data: Cifar10, indices: torch.Tensor, folder: Path) -> torch.Tensor:
+    """teacher_logits(), reused from `folder` when the same teacher already labelled the same data."""
+    from safetensors.torch import load_file, save
+    path = folder / TEACHER_FILE
+    key = json.dumps({"teacher": teacher_identity(members), "data": data.fingerprint,
+                      "indices": int(indices.sum()), "n": len(indices)}, sort_keys=True)
+    if path.exists():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                if f.metadata().get("key") == key:
+                    return load_file(str(path))["logits"]
+        except Exception:  # a stale or broken cache is recomputed, never trusted
+            pass
+    logits = teacher_logits(members, data, indices)
+    atomic_write_bytes(path, save({"logits": logits.contiguous()}, metadata={"key": key}))
+    return logits
+
+
+def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_small", epochs: float = 8,
+                 seed: int = 0, alpha: float = 0.7, temperature: float = 4.0, teacher_root=DEFAULT_ROOT,
+                 teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True) -> dict:
+    """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results."""
+    out_root = Path(out_root)
+    members = load_zoo(teacher_root, tta=teacher_tta)
+    if not members:
+        raise ValueError(f"no teacher: no loadable checkpoints under {teacher_root}")
+    cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
+                  distill_alpha=0.0, distill_temperature=temperature)
+    split = make_split(data, cfg.split, cfg.split_seed)
+    logits = cached_teacher_logits(members, data, split.train, out_root)
+    teacher = {"members": teacher_identity(members), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
+    scratch = train(cfg, out_root / f"{student}_scratch", data,
+                    extra_meta={"distillation": {"role": "from-scratch twin", **teacher}})
+    distilled = train(replace(cfg, distill_alpha=alpha), out_root / f"{student}_distilled", data,
+                      extra_meta={"distillation": {"role": "distilled", **teacher}}, teacher_logits=logits)
+    return {"scratch": scratch, "distilled": distilled}

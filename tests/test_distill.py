@@ -1,0 +1,91 @@
+"""Distillation: the soft-target loss, the teacher's targets, and a short real-data run with a teacher."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar_core.engine import TrainConfig, check_teacher_logits, soft_target_loss, train
+
+
+def test_soft_target_loss_reduces_to_cross_entropy_and_to_kl():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
+    plain = TrainConfig(distill_alpha=0.0, label_smoothing=0.1)
+    assert torch.allclose(soft_target_loss(student, teacher, labels, plain),
+                          F.cross_entropy(student, labels, label_smoothing=0.1))
+    only_soft = TrainConfig(distill_alpha=1.0, distill_temperature=3.0)
+    assert soft_target_loss(teacher, teacher, labels, only_soft).abs() < 1e-6  # matching the teacher costs 0
+    assert soft_target_loss(student, teacher, labels, only_soft) > 0.01
+    # the soft term pulls the student towards the teacher
+    s = student.clone().requires_grad_(True)
+    soft_target_loss(s, teacher, labels, only_soft).backward()
+    stepped = (s - 1.0 * s.grad).detach()
+    assert soft_target_loss(stepped, teacher, labels, only_soft) < soft_target_loss(student, teacher, labels, only_soft)
+
+
+def test_teacher_logits_are_checked(cifar):
+    cfg = TrainConfig(distill_alpha=0.5)
+    idx = torch.arange(100)
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        check_teacher_logits(None, cifar, idx, cfg)
+    with pytest.raises(ValueError, match="must be"):
+        check_teacher_logits(torch.zeros(100, 10), cifar, idx, cfg)
+    partial = torch.full((len(cifar), 10), float("nan"))
+    partial[:50] = 0.0
+    with pytest.raises(ValueError, match="no \\(finite\\) value"):
+        check_teacher_logits(partial, cifar, idx, cfg)
+    check_teacher_logits(None, cifar, idx, TrainConfig())  # plain training needs no teacher
+
+
+def test_teacher_logits_cover_exactly_the_given_rows(cifar):
+    from cifar_core.distill import teacher_logits
+    from cifar_core.ensemble import Member
+    from cifar_core.models import create_model
+    from cifar_core.predictor import Predictor
+    torch.manual_seed(0)
+    model = create_model("cifar_cnn_small").eval()
+    member = Member("tiny", None, {}, Predictor(model, tta=1))
+    idx = torch.tensor([3, 10, 59999])
+    logits = teacher_logits([member], cifar, idx)
+    assert logits.shape == (len(cifar), 10)
+    assert torch.isfinite(logits[idx]).all() and torch.isnan(logits[:3]).all()
+    assert torch.allclose(logits[idx].softmax(1), member.predictor.probs(cifar.images[idx]), atol=1e-5)
+
+
+def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path):
+    # A teacher that knows the labels, as sure as a calibrated model (0.82 on the true class):
+    # distilling from it alone must train the student about as well as labels do (0.27 here).
+    probs = torch.full((len(cifar), 10), 0.02)
+    probs[torch.arange(len(cifar)), cifar.labels] = 0.82
+    teacher = probs.log()
+    cfg = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=200, train_subset=1000, data=data_dir,
+                      progress=False, tta=0, lr=1.0, distill_alpha=0.9, distill_temperature=2.0)
+    result = train(cfg, out_dir=tmp_path / "student", data=cifar, teacher_logits=teacher)
+    assert result.history[-1]["val_acc"] > 0.2  # chance is 0.1
+    import json
+    meta = json.loads((tmp_path / "student" / "meta.json").read_text())
+    assert meta["train_config"]["distill_alpha"] == 0.9
+
+
+def test_level5_runs_distill_then_export_then_benchmark(monkeypatch, tmp_path):
+    """`train.py --level 5` wiring, with the expensive steps replaced by recorders."""
+    import subprocess
+    from types import SimpleNamespace
+    import train
+    from cifar_core import distill
+    calls = []
+
+    def fake_distill_pair(data, out, student, epochs, seed, alpha, temperature, **kw):
+        calls.append(("distill", student, epochs, alpha, temperature, str(out)))
+        return {role: SimpleNamespace(out_dir=tmp_path / role) for role in ("scratch", "distilled")}
+
+    monkeypatch.setattr(distill, "distill_pair", fake_distill_pair)
+    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: None)
+    monkeypatch.setattr("cifar_core.ensemble.find_checkpoints", lambda root=None: [tmp_path / "teacher"])
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(tuple(map(str, cmd))) or
+                        SimpleNamespace(returncode=0))
+    assert train.main(["--level", "5", "--data", "DATA"]) == 0
+    assert calls[0] == ("distill", "cifar_cnn_small", 8, 0.7, 4.0, "runs/distill")
+    export, bench = calls[1], calls[2]
+    assert export[1:3] == ("train.py", "export") and str(tmp_path / "distilled") in export and "DATA" in export
+    assert bench[1].endswith("export_latency.py") and "--students" in bench
+
