@@ -55,7 +55,7 @@ def main():
             ips = measure(args.model, args.batch_size, args.repeats, channels_last, bf16)
             rows.append({"model": args.model, "batch": args.batch_size,
                          "memory format": "channels_last" if channels_last else "NCHW",
-                         "precision": "bf16 autocast" if bf16 else "fp32", "train images/s": round(ips, 1)})
+                         "precision": "bf16 autocast" if bf16 else "fp32", "train images/s": int(round(ips))})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_table(rows, list(rows[0])))
 
