@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "models": cmd_models, "export": cmd_export,
-               "distill": cmd_distill}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "models": cmd_models,
+               "export": cmd_export, "distill": cmd_distill}[args.command]
     try:
         return handler(args, parser)
     except (CheckpointError, DataSourceError, PretrainedError) as e:

@@ -195,11 +195,6 @@ def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, tra
         raise ValueError("teacher_logits has no (finite) value for some training images")
 
 
-def model_input(images_u8: torch.Tensor, spec) -> torch.Tensor:
-    """Float, normalized, at the model's input size. Translation/flip act before resizing."""
-    return normalize(resize(to_float(images_u8), spec.input_size), spec.mean, spec.std)
-
-
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets WORLD_SIZE/RANK)
 # ---------------------------------------------------------------------------------------------
