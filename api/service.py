@@ -1,19 +1,18 @@
 """What the REST endpoints compute, without HTTP: the demo's Lab (zoo, ensemble, caches,
-Grad-CAM) plus the edge models. Errors a client can fix raise ClientError with its status."""
+Grad-CAM, and the edge models of cifar_core.edge). Errors a client can fix raise ClientError with
+its status."""
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import torch
 
 from cifar_core.data import CLASSES
+from cifar_core.edge import EdgeModel
 from cifar_core.explain import METHODS
 from cifar_core.images import MAX_FILE_BYTES, ImageInputError
 from demo.service import ENSEMBLE, Lab
-
-from .edge import EdgeModel, load_edge_models
 
 
 class ClientError(Exception):
@@ -48,15 +47,15 @@ def edge_version(model: EdgeModel) -> dict:
 
 
 class ApiService:
-    def __init__(self, lab: Lab, edge: list[EdgeModel]):
+    def __init__(self, lab: Lab):
         self.lab = lab
-        self.edge = {m.name: m for m in edge}
+        self.edge = lab.edge  # the same int8 models the mounted demo serves, loaded once
         self.versions = {m.name: member_version(m.name, m.meta) for m in lab.members}
         self.versions.update({name: edge_version(m) for name, m in self.edge.items()})
 
     @classmethod
     def load(cls, checkpoints=None, exports=None) -> "ApiService":
-        return cls(Lab(checkpoints), load_edge_models(exports))
+        return cls(Lab(checkpoints, exports=exports))
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -84,11 +83,9 @@ class ApiService:
     def predict(self, image: torch.Tensor, model: str, k: int) -> dict:
         self.check_model(model)
         if model in self.edge:
-            predictor = self.edge[model].predictor
-            t0 = time.perf_counter()
-            probs = predictor.probs(image[None])[0].numpy()
-            members = {model: (probs, time.perf_counter() - t0)}
-            chosen = probs
+            edge = self.lab.edge_predict(image, model)  # cached per image, like the zoo's
+            members = {model: (edge.probs, edge.seconds)}
+            chosen = edge.probs
         else:
             result = self.lab.predict(image)  # cached per image, as in the demo
             names = self.lab.names if model == ENSEMBLE else [model]

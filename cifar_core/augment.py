@@ -17,6 +17,8 @@ class AugmentConfig:
     flip: bool = True         # horizontal flip
     flip_mode: str = "alternate"  # "random" or "alternate" (each image flips every other epoch)
     cutout: int = 0           # side of a zeroed square; 0 disables
+    mix: str = "none"         # "none", "mixup" or "cutmix": blend pairs of images and their labels
+    mix_alpha: float = 1.0    # Beta(alpha, alpha) draws the blend weight
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator | None = No
     # One slice per offset (at most 25 for pad=2): vectorized over all images that share it.
     for oy in range(2 * pad + 1):
         for ox in range(2 * pad + 1):
-            sel = ((dy == oy) & (dx == ox)).nonzero().squeeze(1)
+            sel = ((dy == oy) & (dx == ox)).nonzero().squeeze(1).to(x.device)
             if len(sel):
                 out[sel] = padded[sel, :, oy:oy + h, ox:ox + w]
     return out
@@ -57,7 +59,7 @@ def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator | None = No
 
 def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
     mask = torch.rand(x.shape[0], generator=gen) < 0.5
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(mask.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
 def alternate_flip(x: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
@@ -67,7 +69,7 @@ def alternate_flip(x: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int
     short runs (a public-knowledge trick from the CIFAR speed-run literature).
     """
     parity = (_hash_indices(indices, seed) + epoch) % 2 == 1
-    return torch.where(parity.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(parity.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
 def _hash_indices(indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -100,3 +102,34 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | No
     x = random_translate(x, cfg.translate, gen)
     x = cutout(x, cfg.cutout, gen)
     return x
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None):
+    """Mixup or CutMix over the batch: (images, labels_a, labels_b, weight of labels_a).
+
+    One blend weight per batch (the usual practice); each image's partner comes from a random permutation.
+    The loss is weight * CE(labels_a) + (1 - weight) * CE(labels_b)."""
+    if cfg.mix == "none":
+        return x, y, y, 1.0
+    if cfg.mix not in ("mixup", "cutmix"):
+        raise ValueError(f"unknown mix {cfg.mix!r}: use none, mixup or cutmix")
+    lam = _beta(cfg.mix_alpha, gen)
+    partner = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if cfg.mix == "mixup":
+        return x * lam + x[partner] * (1 - lam), y, y[partner], lam
+    h, w = x.shape[-2:]
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = (int(torch.randint(0, n, (1,), generator=gen)) for n in (h, w))
+    y0, y1 = max(0, cy - cut_h // 2), min(h, cy + cut_h // 2)
+    x0, x1 = max(0, cx - cut_w // 2), min(w, cx + cut_w // 2)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[partner][..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the label weight is the area actually kept
+    return out, y, y[partner], lam
+
+
+def _beta(alpha: float, gen: torch.Generator | None) -> float:
+    # torch's Beta sampler takes no generator: draw a seed from ours so runs stay reproducible.
+    import numpy as np
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))

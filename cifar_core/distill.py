@@ -5,7 +5,8 @@
 Both twins run the same recipe, budget, seeds and split (`train` with the same TrainConfig);
 only `distill_alpha` differs, so the accuracy gap is the teacher's effect.
 
-The teacher's soft targets are the ensemble's calibrated, flip-averaged probabilities on each
+The teacher is the zoo's fitted ensemble (weights and temperature from ensemble.json; members
+with zero weight left out). Its soft targets are the calibrated, flip-averaged probabilities on each
 un-augmented training image, as log-probabilities (valid logits: softmax(log p) = p). They are
 computed once, before training (the teacher never runs inside the loop), and saved beside
 the students with the teacher's identity.
@@ -13,6 +14,7 @@ the students with the teacher's identity.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,31 +22,46 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
-from .engine import TrainConfig, train
-from .ensemble import DEFAULT_ROOT, Ensemble, load_zoo
+from .engine import TrainConfig, resolve_device, train
+from .ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
 
 
-def teacher_identity(members) -> list[dict]:
-    return [{"name": m.name, "saved_at": m.meta.get("saved_at"), "temperature": m.meta.get("temperature", 1.0)}
-            for m in members]
+def teacher_ensemble(root=DEFAULT_ROOT, tta: int | None = 1) -> Ensemble:
+    """The zoo's ensemble with its fitted weights (ensemble.json; equal weights when there is no
+    fit for these checkpoints). Members with zero weight are dropped: they would cost time, not teach."""
+    members = load_zoo(root, tta=tta)
+    if not members:
+        raise ValueError(f"no teacher: no loadable checkpoints under {root}")
+    with warnings.catch_warnings():  # fitted at the members' own TTA; the teacher may run lighter
+        warnings.filterwarnings("ignore", message=".*other TTA levels.*")
+        full = Ensemble.from_fit(members, Path(root) / FIT_FILE)
+    kept = [(m, w) for m, w in zip(full.members, full.weights) if w > 0]
+    return Ensemble([m for m, _ in kept], [w for _, w in kept], temperature=full.temperature)
 
 
-def teacher_logits(members, data: Cifar10, indices: torch.Tensor) -> torch.Tensor:
+def teacher_identity(teacher: Ensemble) -> dict:
+    return {"members": [{"name": m.name, "saved_at": m.meta.get("saved_at"), "weight": round(w, 4),
+                         "temperature": m.meta.get("temperature", 1.0)}
+                        for m, w in zip(teacher.members, teacher.weights)],
+            "ensemble_temperature": teacher.temperature}
+
+
+def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor) -> torch.Tensor:
     """len(data) x C log-probabilities of the ensemble on `indices`; NaN on every other row, so a
     student can never silently learn from a row the teacher did not see."""
-    probs = Ensemble(members).probs(data.images[indices])
+    probs = teacher.probs(data.images[indices])
     out = torch.full((len(data), probs.shape[1]), float("nan"))
     out[indices] = probs.clamp_min(1e-8).log()
     return out
 
 
-def cached_teacher_logits(members, data: Cifar10, indices: torch.Tensor, folder: Path) -> torch.Tensor:
+def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor, folder: Path) -> torch.Tensor:
     """teacher_logits(), reused from `folder` when the same teacher already labelled the same data."""
     from safetensors.torch import load_file, save
     path = folder / TEACHER_FILE
-    key = json.dumps({"teacher": teacher_identity(members), "data": data.fingerprint,
+    key = json.dumps({"teacher": teacher_identity(teacher), "data": data.fingerprint,
                       "indices": int(indices.sum()), "n": len(indices)}, sort_keys=True)
     if path.exists():
         try:
@@ -54,7 +71,7 @@ def cached_teacher_logits(members, data: Cifar10, indices: torch.Tensor, folder:
                     return load_file(str(path))["logits"]
         except Exception:  # a stale or broken cache is recomputed, never trusted
             pass
-    logits = teacher_logits(members, data, indices)
+    logits = teacher_logits(teacher, data, indices)
     atomic_write_bytes(path, save({"logits": logits.contiguous()}, metadata={"key": key}))
     return logits
 
@@ -64,14 +81,15 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
                  teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True) -> dict:
     """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results."""
     out_root = Path(out_root)
-    members = load_zoo(teacher_root, tta=teacher_tta)
-    if not members:
-        raise ValueError(f"no teacher: no loadable checkpoints under {teacher_root}")
     cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
                   distill_alpha=0.0, distill_temperature=temperature)
+    teacher = teacher_ensemble(teacher_root, tta=teacher_tta)
+    device = resolve_device(cfg.device)
+    for m in teacher.members:  # the teacher labels 48k images once: on the GPU when there is one
+        m.predictor.model.to(device)
     split = make_split(data, cfg.split, cfg.split_seed)
-    logits = cached_teacher_logits(members, data, split.train, out_root)
-    teacher = {"members": teacher_identity(members), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
+    logits = cached_teacher_logits(teacher, data, split.train, out_root)
+    teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
     scratch = train(cfg, out_root / f"{student}_scratch", data,
                     extra_meta={"distillation": {"role": "from-scratch twin", **teacher}})
     distilled = train(replace(cfg, distill_alpha=alpha), out_root / f"{student}_distilled", data,

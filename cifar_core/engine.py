@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .augment import AugmentConfig, augment_batch, normalize, resize, to_float
+from .augment import AugmentConfig, augment_batch, mix_batch, normalize, resize, to_float
 from .data import Cifar10, load_cifar10, make_split
 from .ensemble import calibrated_metrics
 from .evaluate import evaluate_predictor, plot_confusion, plot_curves
@@ -34,6 +34,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool | str = False
     pretrained_file: str | None = None
+    input_size: int = 0               # side the model is fed; 0 = the model's registered size
     # optimization
     epochs: float = 10.0
     batch_size: int = 1024
@@ -43,7 +44,7 @@ class TrainConfig:
     weight_decay: float = 1.33e-3     # PyTorch-style; never applied to norms and biases
     norm_bias_lr_scale: float = 64.0  # BN shifts learn faster (their scale is fixed in our CNN)
     label_smoothing: float = 0.2
-    schedule: str = "triangle"        # "triangle" (warm up then linear decay) or "cosine"
+    schedule: str = "triangle"        # "triangle" (warm up, linear decay), "cosine" or "constant"
     warmup_fraction: float = 0.23     # of all steps
     lr_start: float = 0.2             # factors of the peak lr at step 0 and at the end
     lr_end: float = 0.07
@@ -58,7 +59,8 @@ class TrainConfig:
     tta: int = 2                      # test-time augmentation level used for reported metrics
     seed: int = 0
     channels_last: bool = True
-    bf16: bool = False                # measured slower here: this CPU has no native bf16 matmul
+    device: str = "auto"              # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    bf16: bool | None = None          # autocast; None = on for cuda, off for cpu (no native bf16 matmul here)
     half_weights: bool = True         # save fp16 weights (metrics are measured on them)
     progress: bool = True
     # distillation (level 5): 0 = plain training; >0 mixes in soft targets given to train()
@@ -99,7 +101,9 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
         return 1 + (cfg.lr_end - 1) * rest
     if cfg.schedule == "cosine":
         return cfg.lr_end + (1 - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * rest))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}: use triangle or cosine")
+    if cfg.schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use triangle, cosine or constant")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -195,6 +199,27 @@ def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, tra
         raise ValueError("teacher_logits has no (finite) value for some training images")
 
 
+def _mix(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Mixup/CutMix (if configured): returns (images, partner labels, weight of the own labels)."""
+    x, _, y_partner, lam = mix_batch(x, y, cfg.augment, gen)
+    return x, y_partner, lam
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU: use --device cpu")
+        # Training runs in bf16 autocast; evaluation stays true fp32 (no TF32), so metrics measured
+        # on the GPU match what a CPU re-measures from the same checkpoint.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets WORLD_SIZE/RANK)
 # ---------------------------------------------------------------------------------------------
@@ -212,16 +237,16 @@ def _distributed() -> tuple[int, int]:
 
 def _save_resume(out_dir: Path, model, optimizer, lookahead, best_state, info: dict) -> None:
     from safetensors.torch import save
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_state = optimizer.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.detach().clone().contiguous()
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
     if lookahead:
-        tensors.update({f"slow.{k}": v.contiguous() for k, v in lookahead.slow.items()})
+        tensors.update({f"slow.{k}": v.cpu().contiguous() for k, v in lookahead.slow.items()})
     if best_state:
-        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best_state.items()})
     resume = out_dir / "resume"
     resume.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_bytes(resume / "state.safetensors", save(tensors))
@@ -242,9 +267,10 @@ def _load_resume(out_dir: Path, model, optimizer, lookahead):
             _, pid, name = key.split(".", 2)
             opt_state["state"].setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict(opt_state)
+    device = next(model.parameters()).device
     if lookahead:
-        lookahead.slow = {k[5:]: v for k, v in tensors.items() if k.startswith("slow.")}
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        lookahead.slow = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("slow.")}
+    best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
     return info, best
 
 
@@ -260,6 +286,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     rank, world = _distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device, rank)
+    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    if cfg.distill_alpha > 0 and cfg.augment.mix != "none":
+        raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
     out_dir = Path(out_dir) if out_dir else None
     data = data or load_cifar10(cfg.data)
     split = make_split(data, cfg.split, cfg.split_seed)
@@ -269,14 +299,17 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         train_idx = train_idx[stratified_subset(data.labels[train_idx], cfg.train_subset, cfg.seed)]
     check_teacher_logits(teacher_logits, data, train_idx, cfg)
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
-                         **cfg.model_kwargs)
+                         input_size=cfg.input_size or None, **cfg.model_kwargs)
     spec = model.spec
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(device=device, memory_format=memory_format)
 
-    # The whole training set, normalized once, at 32x32 (augment, then resize per batch).
-    x_train = normalize(to_float(data.images[train_idx]), spec.mean, spec.std)
-    y_train = data.labels[train_idx]
+    # The whole training set, normalized once, at 32x32, on the training device (augment, then
+    # resize per batch: an upsampled copy of 48k images would not fit in memory at 224 px).
+    x_train = normalize(to_float(data.images[train_idx].to(device)), spec.mean, spec.std)
+    y_train = data.labels[train_idx].to(device)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(device)
     if hasattr(model, "init_from_data"):
         model.init_from_data(x_train[:5000])
 
@@ -313,16 +346,19 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             step = first_step + i
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
             x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed)
-            x = resize(x, spec.input_size).contiguous(memory_format=memory_format)
             y = y_train[idx]
+            x, y_mix, lam = _mix(x, y, cfg, gen)
+            x = resize(x, spec.input_size).contiguous(memory_format=memory_format)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = train_model(x)
             if cfg.distill_alpha > 0:
                 loss = soft_target_loss(out.float(), teacher_logits[train_idx[idx]], y, cfg)
             else:
-                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = lam * F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                if lam < 1:
+                    loss = loss + (1 - lam) * F.cross_entropy(out.float(), y_mix, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -359,6 +395,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     if best_state is not None:
         model.load_state_dict(best_state)
     metrics = finalize(model, cfg, data, split, out_dir if is_main else None, history, extra_meta)
+    model.cpu()
     if world > 1:
         dist.barrier()
     return TrainResult(model=model, history=history, metrics=metrics, out_dir=out_dir)

@@ -269,8 +269,9 @@ def provenance(meta: dict, name: str) -> dict:
 
 
 def is_current(onnx_path: str | Path, meta: dict, name: str) -> bool:
-    """Whether an export was made from this very checkpoint state (weights *and* temperature:
-    re-calibrating rewrites meta.json but not the weights' saved_at)."""
+    """Whether an export was made from this very checkpoint state: weights *and* temperature
+    (`train.py calibrate` renews saved_at too; the temperature is compared as well, for checkpoints
+    re-calibrated before it did)."""
     if not Path(onnx_path).is_file():
         return False
     try:

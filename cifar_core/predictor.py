@@ -58,6 +58,13 @@ class Predictor:
         with _LOCKS_GUARD:
             self.lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (inputs are sent there); CPU for weightless runtimes (ONNX)."""
+        params = getattr(self.model, "parameters", None)
+        first = next(params(), None) if callable(params) else None
+        return first.device if first is not None else torch.device("cpu")
+
     @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
         """Raw (uncalibrated) logits, TTA-averaged, for a uint8 batch of any size."""
@@ -65,9 +72,9 @@ class Predictor:
         outs = []
         with self.lock:
             for start in range(0, len(images_u8), self.batch_size):
-                x = preprocess(images_u8[start:start + self.batch_size], self.spec)
+                x = preprocess(images_u8[start:start + self.batch_size].to(self.device), self.spec)
                 x = x.contiguous(memory_format=torch.channels_last)
-                outs.append(sum(w * self.model(v) for w, v in tta_views(x, level)))
+                outs.append(sum(w * self.model(v) for w, v in tta_views(x, level)).float().cpu())
         return torch.cat(outs) if outs else torch.empty(0, 10)
 
     def probs(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:

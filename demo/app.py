@@ -1,7 +1,8 @@
 """The CIFAR-10 lab demo: `python -m demo` (or `python demo/app.py`).
 
-Five tabs over whatever checkpoints exist under checkpoints/ (or $CIFAR_CHECKPOINTS). Named API
-endpoints for gradio_client: /predict, /compare, /explain (see demo/README_SECTION.md).
+Five tabs over whatever checkpoints exist under checkpoints/ (or $CIFAR_CHECKPOINTS), plus the int8
+ONNX edge models under exports/ (or $CIFAR_EXPORTS) as an option of the Classify tab. Named API
+endpoints for gradio_client: /predict, /predict_edge, /compare, /explain (see README.md).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ WORKERS = 2             # model requests run at once (2 cores); each model also 
 
 def build_app(lab: Lab, queue_size: int = QUEUE_SIZE, workers: int = WORKERS) -> gr.Blocks:
     with gr.Blocks(title="CIFAR-10 lab") as app:
-        gr.Markdown(f"# CIFAR-10 lab\nEnsemble of {len(lab.members)} model(s): {', '.join(lab.names)}. "
+        edge = f" Edge (int8 ONNX): {', '.join(lab.edge_names)}, in the Classify tab." if lab.edge else ""
+        gr.Markdown(f"# CIFAR-10 lab\nEnsemble of {len(lab.members)} model(s): {', '.join(lab.names)}.{edge} "
                     "Upload a photo of an airplane, automobile, bird, cat, deer, dog, frog, horse, ship or truck.")
         with gr.Tabs():
             with gr.Tab("Classify", id="classify"):
@@ -58,14 +60,17 @@ def launch_kwargs(**overrides) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="CIFAR-10 lab demo")
     p.add_argument("--checkpoints", help="folder of checkpoint folders (default $CIFAR_CHECKPOINTS or checkpoints/)")
+    p.add_argument("--exports", help="folder of int8 ONNX edge models, <name>/int8.onnx "
+                                     "(default $CIFAR_EXPORTS or exports/)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
-    lab = Lab(args.checkpoints)
+    lab = Lab(args.checkpoints, exports=args.exports)
     app = build_app(lab)
-    logging.getLogger("demo").info("built in %.1fs with models %s", time.perf_counter() - t0, lab.names)
+    logging.getLogger("demo").info("built in %.1fs with models %s, edge models %s", time.perf_counter() - t0,
+                                   lab.names, lab.edge_names)
     app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, **launch_kwargs())
     # Serving now. Warm the caches in the background (this also imports Grad-CAM's heavy
     # dependencies), so the first click on an example answers instantly in every tab.

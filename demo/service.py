@@ -1,7 +1,8 @@
 """What the tabs ask of the model zoo, behind one object: load every checkpoint, predict with
-caching, compare, explain. No Gradio here, so the same calls serve the UI, the API and tests.
+caching, compare, explain, and the int8 ONNX edge models. No Gradio here, so the same calls serve
+the UI, the API and tests.
 
-All model work goes through cifar_core (ensemble, predictor, explain, images); this file only
+All model work goes through cifar_core (ensemble, predictor, explain, images, edge); this file only
 caches and shapes results for display.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from cifar_core.data import CLASSES
-from cifar_core.ensemble import DEFAULT_ROOT, Ensemble, load_zoo
+from cifar_core.edge import NO_GRADCAM, EdgeModel, exports_root, load_edge_models, smallest
+from cifar_core.ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
 from cifar_core.images import decode_for_model
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -69,6 +71,17 @@ class Prediction:
         return int(np.argmax(self.probs))
 
 
+@dataclass
+class EdgePrediction:
+    model: str                        # edge model name, e.g. cifar_cnn_small_distilled-int8
+    probs: np.ndarray                 # calibrated, C
+    seconds: float                    # its single forward pass for this image (first computation)
+
+    @property
+    def top(self) -> int:
+        return int(np.argmax(self.probs))
+
+
 def image_key(image: torch.Tensor) -> str:
     return hashlib.sha1(image.numpy().tobytes()).hexdigest()
 
@@ -84,19 +97,27 @@ def read_assets(assets_dir: Path = ASSETS_DIR) -> dict:
 class Lab:
     """The loaded zoo plus caches. Thread-safe: each Predictor holds its own lock."""
 
-    def __init__(self, root: str | Path | None = None, assets_dir: str | Path = ASSETS_DIR):
+    def __init__(self, root: str | Path | None = None, assets_dir: str | Path = ASSETS_DIR,
+                 exports: str | Path | None = None):
         self.root = Path(root) if root else checkpoints_root()
+        self.exports_root = Path(exports) if exports else exports_root()
         self.members = load_zoo(self.root)
         if not self.members:
             raise SystemExit(f"no loadable checkpoints under {self.root}: train one (python train.py --level 3 "
                              "--data ...) or set CIFAR_CHECKPOINTS to a folder of checkpoint folders")
         self.by_name = {m.name: m for m in self.members}
-        self.ensemble = Ensemble(self.members)
+        # Weights fitted on val (python train.py ensemble) when <root>/ensemble.json matches these
+        # checkpoints; otherwise equal weights, with a warning.
+        self.ensemble = Ensemble.from_fit(self.members, self.root / FIT_FILE)
         self.assets_dir = Path(assets_dir)
         self.assets = read_assets(self.assets_dir)
         self.ood_threshold = self._ood_threshold()
         self._predictions = LRU(512)
         self._explanations = LRU(2048)
+        self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
+        self._edge_lock = threading.Lock()
+        self.edge_problems: list[str] = []               # why export files were skipped, for display
+        self._edge_predictions = LRU(512)
 
     @property
     def names(self) -> list[str]:
@@ -138,9 +159,52 @@ class Lab:
             try:
                 image = self.decode(upload)
                 self.predict(image)
+                for name in self.edge:
+                    self.edge_predict(image, name)
                 self.explain(image, self.names, method, None)
             except Exception as e:  # noqa: BLE001 - a broken example must not stop the app
                 warnings.warn(f"warm-up skipped {upload}: {e}")
+
+    # -- edge models (int8 ONNX) ------------------------------------------------------------
+
+    @property
+    def edge(self) -> dict[str, EdgeModel]:
+        """The int8 ONNX exports under exports_root, loaded on first use and only once. A missing
+        folder, a broken file or a missing runtime costs only the edge option (with a warning)."""
+        if self._edge is None:
+            with self._edge_lock:
+                if self._edge is None:
+                    problems: list[str] = []
+                    try:
+                        models = load_edge_models(self.exports_root, problems=problems)
+                    except Exception as e:  # noqa: BLE001 - edge models are optional; the zoo still serves
+                        problems.append(f"edge models unavailable: {type(e).__name__}: {e}")
+                        warnings.warn(problems[-1])
+                        models = []
+                    self.edge_problems = problems
+                    self._edge = {m.name: m for m in models}
+        return self._edge
+
+    @property
+    def edge_names(self) -> list[str]:
+        return list(self.edge)
+
+    @property
+    def default_edge(self) -> str | None:
+        """The edge model offered first: the smallest file."""
+        model = smallest(list(self.edge.values()))
+        return model.name if model else None
+
+    def edge_predict(self, image: torch.Tensor, model: str) -> EdgePrediction:
+        if model not in self.edge:
+            loaded = ", ".join(self.edge) or f"none (no loadable int8.onnx under {self.exports_root})"
+            raise KeyError(f"unknown edge model {model!r}; loaded: {loaded}")
+        key = (image_key(image), model)
+        cached = self._edge_predictions.get(key)
+        if cached is not None:
+            return cached
+        probs, seconds = self.edge[model].predict(image)
+        return self._edge_predictions.put(key, EdgePrediction(model, probs, seconds))
 
     # -- explanations -----------------------------------------------------------------------
 
@@ -161,6 +225,10 @@ class Lab:
         from cifar_core.explain import ensemble_map, normalize_maps, overlay
         unknown = [m for m in models if m not in self.by_name]
         if unknown:
+            edge = [m for m in unknown if m in self.edge]
+            if edge:
+                raise KeyError(f"no Grad-CAM for {', '.join(edge)}: {NO_GRADCAM}; explain the PyTorch models "
+                               f"{self.names} instead")
             raise KeyError(f"unknown model(s) {unknown}; loaded: {self.names}")
         if target is None:
             target = self.predict(image).top

@@ -1,4 +1,5 @@
-"""Classify and Compare tabs: both are views of one cached ensemble prediction."""
+"""Classify and Compare tabs: both are views of one cached ensemble prediction. Classify can also
+serve the int8 ONNX edge models (cifar_core.edge), next to the full ensemble."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,9 @@ from cifar_core.images import ImageInputError
 from .common import confidences, enlarged, image_input, require_image, user_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+REPO = Path(__file__).resolve().parent.parent
+SERVE_FULL = "full ensemble (PyTorch)"
+SERVE_EDGE = "edge (int8 ONNX)"
 
 
 def example_files() -> list[str]:
@@ -76,16 +80,98 @@ def compare(lab, upload, k: float = 3):
     return badge, pd.DataFrame(rows)
 
 
+# -- edge models ------------------------------------------------------------------------------
+
+def shown_path(path: Path) -> str:
+    """A file as the user knows it: relative to the repository when it lies inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def file_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+def serve_info(lab) -> str:
+    """The line under the serve choice: what the edge option serves, or why it is unavailable."""
+    where = shown_path(lab.exports_root)
+    if lab.edge:
+        text = f"edge: {', '.join(lab.edge_names)} (int8 ONNX files under {where}/; no Grad-CAM)"
+    else:
+        text = f"edge unavailable: no loadable int8.onnx under {where}/ (python train.py export writes them)"
+    if lab.edge_problems:
+        text += f"; skipped {len(lab.edge_problems)} broken file(s), see the server log"
+    return text
+
+
+def edge_notice(lab, edge, full) -> str:
+    """Which file answered, that it is int8, its latency, what the full ensemble says, no Grad-CAM."""
+    model = lab.edge[edge.model]
+    q = model.quantization
+    if q:
+        precision = (f"**int8**: weights {q.get('weights', 'int8')}, activations {q.get('activations', 'uint8')} "
+                     f"({q.get('tool', 'onnxruntime')}, {q.get('format', 'QDQ')}; ranges calibrated on "
+                     f"{q.get('calibration_images', '?')} training images, {q.get('calibration', '?')})")
+    else:
+        precision = "**int8** (the file records no quantization details)"
+    source = f"checkpoint `{model.checkpoint}`" if model.checkpoint else "an unrecorded checkpoint"
+    if model.info.get("architecture"):
+        source += f" ({model.info['architecture']})"
+    said, ensemble_said = CLASSES[edge.top], CLASSES[full.top]
+    agree = "✅ agrees" if said == ensemble_said else "❌ disagrees"
+    return (f"### ⚡ {edge.model} → **{said}** ({edge.probs[edge.top]:.2f})\n"
+            f"- **File**: `{shown_path(model.path)}` ({file_size(model.size_bytes)}), exported from {source}\n"
+            f"- **Precision**: {precision}\n"
+            f"- **Latency**: {1000 * edge.seconds:.1f} ms for this image (one forward pass on one CPU thread, "
+            "no test-time augmentation; first computation on this server, cached after)\n"
+            f"- **Full ensemble** (PyTorch): **{ensemble_said}** ({full.probs[full.top]:.2f}), {agree}\n"
+            "- **Grad-CAM: not available for edge models**: onnxruntime computes no gradients. The Grad-CAM tab "
+            "explains the full PyTorch models.")
+
+
+def classify_edge(lab, upload, model=None):
+    """-> (the edge model's top-5, a note: its file, int8, latency, the full ensemble's answer).
+    `model`: an edge model name; default the smallest file."""
+    if not lab.edge:
+        raise gr.Error(f"No edge model is loaded: {serve_info(lab)}.")
+    image = require_image(lab, upload)
+    edge = lab.edge_predict(image, model or lab.default_edge)
+    return confidences(edge.probs), edge_notice(lab, edge, lab.predict(image))
+
+
+def classify_edge_quietly(lab, upload, serve, model):
+    """The UI path: only in edge mode and with an image; a bad upload is already explained by the
+    ensemble's notice, so here it just clears the edge outputs."""
+    if serve != SERVE_EDGE or not lab.edge:
+        return gr.skip(), gr.skip()
+    if upload is None:
+        return None, ""
+    try:
+        return classify_edge(lab, upload, model)
+    except ImageInputError:
+        return None, ""
+
+
 def build_classify(lab):
     with gr.Row():
         with gr.Column(scale=1):
             image = image_input(elem_id="upload")
+            serve = gr.Radio([SERVE_FULL, SERVE_EDGE], value=SERVE_FULL, label="Serve with", info=serve_info(lab),
+                             interactive=bool(lab.edge), elem_id="serve")
             button = gr.Button("Classify", variant="primary")
             gr.Examples(example_files(), inputs=image, label="Examples: real CIFAR-10 test images, then other photos",
                         examples_per_page=15, elem_id="examples")
         with gr.Column(scale=1):
             notice = gr.Markdown(elem_id="ood-notice")
-            label = gr.Label(num_top_classes=5, label="Ensemble top-5 (calibrated probabilities)", elem_id="top5")
+            with gr.Row():
+                label = gr.Label(num_top_classes=5, label="Ensemble top-5 (calibrated probabilities)", elem_id="top5")
+                with gr.Column(visible=False, elem_id="edge-panel") as edge_panel:
+                    edge_model = gr.Dropdown(lab.edge_names, value=lab.default_edge, label="Edge model (int8 ONNX)",
+                                             elem_id="edge-model")
+                    edge_label = gr.Label(num_top_classes=5, label="Edge model top-5 (int8 ONNX, calibrated)",
+                                          elem_id="edge-top5")
+                    edge_button = gr.Button("Classify on the edge model", size="sm", elem_id="edge-classify")
+            edge_info = gr.Markdown(elem_id="edge-info")
             seen = gr.Image(label="What the models see (32x32, enlarged)", interactive=False, height=180,
                             format="png", elem_id="seen")
     outputs = [label, seen, notice]
@@ -93,6 +179,22 @@ def build_classify(lab):
                  concurrency_id="models")
     image.change(user_errors(lambda u: classify_on_change(lab, u)), image, outputs, api_visibility="private",
                  concurrency_id="models", show_progress="minimal")
+
+    edge_outputs = [edge_label, edge_info]
+    edge_button.click(user_errors(lambda u, m: classify_edge(lab, u, m)), [image, edge_model], edge_outputs,
+                      api_name="predict_edge", concurrency_id="models")
+    quiet = user_errors(lambda u, s, m: classify_edge_quietly(lab, u, s, m))
+    for trigger in (image.change, edge_model.input):
+        trigger(quiet, [image, serve, edge_model], edge_outputs, api_visibility="private", concurrency_id="models",
+                show_progress="minimal")
+
+    def switch(upload, mode, model):
+        shown = mode == SERVE_EDGE and bool(lab.edge)
+        if not shown:  # back to the full ensemble: hide the edge panel and its note
+            return gr.Column(visible=False), gr.skip(), ""
+        return (gr.Column(visible=True), *classify_edge_quietly(lab, upload, mode, model))
+    serve.change(user_errors(switch), [image, serve, edge_model], [edge_panel, *edge_outputs],
+                 api_visibility="private", concurrency_id="models")
     return image
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from cifar_core.data import CLASSES
+from cifar_core.edge import NO_GRADCAM
 
 from .common import PREDICTED, class_index, confidences, enlarged, require_image, user_errors
 
@@ -35,6 +36,9 @@ def explain(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5
 def build_gradcam(lab, image, tab):
     gr.Markdown("Class-activation maps for the image in the **Classify** tab. Click a class in the "
                 "prediction to re-target every map.")
+    if lab.edge:
+        gr.Markdown(f"Edge models ({', '.join(lab.edge_names)}) are not listed: {NO_GRADCAM}. "
+                    "The maps here are those of the full PyTorch models.", elem_id="cam-edge-note")
     with gr.Row():
         models = gr.CheckboxGroup(lab.names, value=lab.names, label="Models")
         method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method")

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 
 from cifar_core.data import CLASSES  # noqa: E402
 from cifar_core.evaluate import plot_confusion, read_history  # noqa: E402
-from cifar_core.levels import LEVELS, PLANNED  # noqa: E402
+from cifar_core.levels import LEVELS  # noqa: E402
 
 from .common import user_errors  # noqa: E402
 
@@ -133,7 +133,7 @@ def levels_table(lab) -> str:
     for m in lab.members:
         test = m.meta.get("metrics", {}).get("test", {})
         n = level_of(m)
-        title = LEVELS[n].title if n in LEVELS else (PLANNED.get(n, "") if n else "")
+        title = LEVELS[n].title if n in LEVELS else ""
         rows.append((n if n is not None else 99, f"| {n if n is not None else '—'} | {title or '—'} | {m.name} | "
                      f"{m.meta.get('params', 0):,} | {fmt(test.get('accuracy'))} | {fmt(test.get('ece'))} |"))
     ens = lab.assets.get("ensemble_test")
@@ -141,7 +141,7 @@ def levels_table(lab) -> str:
         rows.append((4, f"| 4 | ensemble (assets built for {', '.join(lab.assets.get('members', []))}) | ensemble | "
                      f"— | {fmt(ens.get('accuracy'))} | {fmt(ens.get('ece'))} |"))
     shown = {r[0] for r in rows}
-    titles = {**PLANNED, **{n: level.title for n, level in LEVELS.items()}}
+    titles = {n: level.title for n, level in LEVELS.items()}
     rows += [(n, f"| {n} | {title} | _no checkpoint here yet_ | | | |") for n, title in titles.items() if n not in shown]
     header = "| level | what | checkpoint | params | test accuracy | test ECE |\n|---|---|---|---|---|---|"
     return "### Levels\n" + header + "\n" + "\n".join(r for _, r in sorted(rows, key=lambda r: r[0]))

