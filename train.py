@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=0.7, help="weight of the soft targets (0-1)")
     d.add_argument("--temperature", type=positive_float, default=4.0)
     d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
+    d.add_argument("--teacher-tta", type=int, choices=(0, 1, 2), default=1,
+                   help="TTA level of the teacher's soft targets (0 is twice as fast as the default flip)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/distill")
     d.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
@@ -162,7 +164,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cmd_train(args, parser) -> int:
-    from cifar_core.engine import TrainConfig, train
+    from cifar_core.engine import TrainConfig, resolve_device, train
     from cifar_core.levels import get_level
 
     base, out = TrainConfig(), None
@@ -192,6 +194,7 @@ def cmd_train(args, parser) -> int:
     cfg = replace(base, **overrides)
     try:
         cfg = apply_settings(cfg, args.set)
+        resolve_device(cfg.device)
     except ValueError as e:
         parser.error(str(e))
     if cfg.distill_alpha > 0:  # level 5: a student needs its teacher, and the pipeline continues
@@ -211,8 +214,11 @@ def cmd_train(args, parser) -> int:
 
 
 def apply_settings(cfg, settings: list[str]):
-    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8)."""
+    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8).
+
+    Values are JSON (a bare word is a string) and must have the field's declared type."""
     import json
+    from cifar_core.augment import AugmentConfig
     from cifar_core.engine import TrainConfig
     d = cfg.to_dict()
     for item in settings:
@@ -224,15 +230,28 @@ def apply_settings(cfg, settings: list[str]):
         except json.JSONDecodeError:
             value = text  # a bare word is a string: --set schedule=cosine
         *parents, leaf = key.split(".")
-        node = d
+        node, owner = d, TrainConfig
         for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"--set {key}: {part!r} is not a nested config")
-            node = node[part]
+            if part != "augment":
+                raise ValueError(f"--set {key}: {part!r} is not a nested config (only augment.* is)")
+            node, owner = node[part], AugmentConfig
         if leaf not in node:
             raise ValueError(f"--set {key}: unknown field {leaf!r}; known: {', '.join(sorted(node))}")
+        declared = str(owner.__dataclass_fields__[leaf].type)
+        if not _has_type(value, {t.strip() for t in declared.split("|")}):
+            raise ValueError(f"--set {key}={text}: expected {declared}, got {type(value).__name__}")
         node[leaf] = value
     return TrainConfig.from_dict(d)
+
+
+def _has_type(value, allowed: set[str]) -> bool:
+    if value is None:
+        return "None" in allowed
+    if isinstance(value, bool):
+        return "bool" in allowed
+    if isinstance(value, int):
+        return bool({"int", "float"} & allowed)
+    return type(value).__name__ in allowed
 
 
 def cmd_evaluate(args, parser) -> int:
@@ -342,7 +361,8 @@ def cmd_distill(args, parser) -> int:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
     results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
-                           args.temperature, args.teacher, base=base, progress=not args.no_progress)
+                           args.temperature, args.teacher, teacher_tta=args.teacher_tta, base=base,
+                           progress=not args.no_progress)
     for role, r in results.items():
         print(f"{args.student} {role}: test accuracy {r.metrics['test']['accuracy']:.4f} ({r.out_dir})")
     return 0

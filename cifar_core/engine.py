@@ -208,10 +208,15 @@ def _mix(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generato
 def resolve_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
         name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
         # Training runs in bf16 autocast; evaluation stays true fp32 (no TF32), so metrics measured
         # on the GPU match what a CPU re-measures from the same checkpoint.
         torch.backends.cuda.matmul.allow_tf32 = False

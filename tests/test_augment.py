@@ -52,3 +52,20 @@ def test_resize():
     assert resize(x, 64).shape == (4, 3, 64, 64)
     assert resize(x, 32) is x
     assert resize(torch.rand(2, 3, 64, 64), 32).shape == (2, 3, 32, 32)
+
+
+def test_mixup_and_cutmix_blend_images_and_weigh_labels_by_what_was_kept():
+    from cifar_core.augment import mix_batch
+    x = torch.stack([torch.full((3, 32, 32), float(i)) for i in range(8)])
+    y = torch.arange(8)
+    same = mix_batch(x, y, AugmentConfig(mix="none"), torch.Generator().manual_seed(0))
+    assert same[0] is x and same[3] == 1.0
+    mixed, y_a, y_b, lam = mix_batch(x, y, AugmentConfig(mix="mixup"), torch.Generator().manual_seed(0))
+    assert torch.equal(y_a, y) and 0 <= lam <= 1
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * y.float() + (1 - lam) * y_b.float())
+    cut, _, y_b, lam = mix_batch(x, y, AugmentConfig(mix="cutmix"), torch.Generator().manual_seed(1))
+    own = (cut == x).flatten(1).float().mean(1)  # share of each image's own pixels
+    moved = y_b != y
+    assert torch.allclose(own[moved], torch.full_like(own[moved], lam), atol=1e-6)
+    again = mix_batch(x, y, AugmentConfig(mix="cutmix"), torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], cut)  # the generator makes it reproducible

@@ -22,6 +22,12 @@ def run(*args, env_extra=None):
     (["--level", "9"], "there is no level 9"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--set", "epochs=abc"], "--set epochs=abc: expected float"),
+    (["--set", "augment.flip=3"], "expected bool"),
+    (["--set", "augment.nope=1"], "unknown field 'nope'"),
+    (["--set", "epochs"], "--set expects KEY=VALUE"),
+    (["--pretrained", "pypi"], "invalid choice: 'pypi'"),
+    (["--device", "cuda:7", "--epochs", "0.01"], "no CUDA GPU"),
 ])
 def test_bad_flags(args, message):
     r = run(*args)
