@@ -443,9 +443,17 @@ def build_meta(model, cfg: TrainConfig, data: Cifar10, split, metrics: dict, his
                  "note": "offline JPEG q75 copy of CIFAR-10" if "imagefolder" in data.source else ""},
         "metrics": metrics,
         "history": history,
+        "hardware": hardware(next(model.parameters()).device),
         "temperature": 1.0,  # replaced by the fitted one (see metrics.calibration)
         **(extra or {}),
     }
+
+
+def hardware(device: torch.device) -> dict:
+    """Where a run trained, for its meta.json: timings mean little without it."""
+    import platform
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(device), "name": name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _progress(total: int, desc: str, enabled: bool):
