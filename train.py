@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same recipe, budget, seeds and split; only the teacher differs.")
     d.add_argument("--student", choices=list_models(), default="cifar_cnn_small")
     d.add_argument("--epochs", type=positive_float, default=8.0)
-    d.add_argument("--alpha", type=float, default=0.7, help="weight of the soft targets (0-1)")
-    d.add_argument("--temperature", type=positive_float, default=4.0)
+    d.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets (0-1)")
+    d.add_argument("--temperature", type=positive_float, default=1.0,
+                   help="softens teacher and student (the soft term is scaled by T^2; see cifar_core/distill.py)")
     d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
     d.add_argument("--teacher-tta", type=int, choices=(0, 1, 2), default=1,
                    help="TTA level of the teacher's soft targets (0 is twice as fast as the default flip)")

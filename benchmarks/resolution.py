@@ -28,17 +28,16 @@ from cifar_core.evaluate import format_table  # noqa: E402
 from cifar_core.models import create_model  # noqa: E402
 
 
-def flops_per_image(model, size: int) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per image, counted by torch (matmuls and convolutions)."""
+def forward_flops(model, size: int) -> float:
+    """Forward FLOPs per image, counted by torch (matmuls and convolutions, 2 per multiply-add).
+
+    Training costs about 3x this; torch's counter overcounts the backward of depthwise
+    convolutions (it ignores groups), so the training figure is not counted here."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, 3, size, size)
-    model.train()
-    with FlopCounterMode(display=False) as fwd:
-        out = model(x)
-    forward = fwd.get_total_flops() / 2
-    with FlopCounterMode(display=False) as both:
-        model(x).sum().backward()
-    return forward, both.get_total_flops() / 2
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, size, size))
+    return counter.get_total_flops() / 2
 
 
 def median_seconds(step, repeats: int) -> float:
@@ -54,7 +53,7 @@ def median_seconds(step, repeats: int) -> float:
 def measure(model_name: str, size: int, model_kwargs: dict, repeats: int, batch: int = 32) -> dict:
     torch.manual_seed(0)
     model = create_model(model_name, input_size=size, **model_kwargs).to(memory_format=torch.channels_last)
-    fwd, train_flops = flops_per_image(model, size)
+    fwd = forward_flops(model, size)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -70,8 +69,23 @@ def measure(model_name: str, size: int, model_kwargs: dict, repeats: int, batch:
     with torch.inference_mode():
         infer_s = median_seconds(lambda: model(x), repeats)
         feature_map = model.forward_features(x[:1]).shape[-1]
-    return {"fwd_gflop": fwd / 1e9, "train_gflop": train_flops / 1e9, "train_img_s": batch / train_s,
+    return {"fwd_gflop": fwd / 1e9, "train_img_s": batch / train_s,
             "infer_ms": 1000 * infer_s / batch, "feature_map": feature_map}
+
+
+def row(run: str, size: int, kwargs: dict, cost: dict, epochs: float, n_train: int, metrics: dict | None) -> dict:
+    hours_per_epoch = n_train / cost["train_img_s"] / 3600
+    return {
+        "run": run, "input": f"{size} px" + (" (stride-1 stem)" if kwargs.get("stem_stride") == 1 else ""),
+        "last map": f"{cost['feature_map']}x{cost['feature_map']}", "epochs": f"{epochs:g}",
+        "val acc %": f"{100 * metrics['val']['accuracy']:.2f}" if metrics else "-",
+        "test acc %": f"{100 * metrics['test']['accuracy']:.2f}" if metrics else "-",
+        "fwd GFLOP/img": f"{cost['fwd_gflop']:.3f}",
+        "CPU train img/s": f"{cost['train_img_s']:.1f}",
+        "CPU h per epoch": f"{hours_per_epoch:.2f}",
+        "CPU h, whole run": f"{epochs * hours_per_epoch:.1f}",
+        "CPU infer ms/img": f"{cost['infer_ms']:.2f}",
+    }
 
 
 def main(argv=None) -> int:
@@ -80,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", nargs="*", default=["checkpoints/tf_efficientnet_lite0"],
                    help="more run folders to list (e.g. the shipped, longer run)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cost-only", type=int, nargs="*", default=[224],
+                   help="input sizes to cost without an accuracy run (default 224, the ImageNet size)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,21 +112,16 @@ def main(argv=None) -> int:
         cost = measured[key]
         epochs = meta["train_config"]["epochs"]
         n_train = meta["split"]["sizes"]["train"]
-        rows.append({
-            "run": str(meta_path.parent), "input": f"{size} px" + (" (stride-1 stem)" if kwargs.get("stem_stride") == 1 else ""),
-            "last map": f"{cost['feature_map']}x{cost['feature_map']}", "epochs": epochs,
-            "val acc %": round(100 * meta["metrics"]["val"]["accuracy"], 2),
-            "test acc %": round(100 * meta["metrics"]["test"]["accuracy"], 2),
-            "GFLOP/img fwd": round(cost["fwd_gflop"], 3), "GFLOP/img train": round(cost["train_gflop"], 3),
-            "CPU train img/s": round(cost["train_img_s"], 1),
-            "CPU h per epoch": round(n_train / cost["train_img_s"] / 3600, 2),
-            "CPU h for this run": round(epochs * n_train / cost["train_img_s"] / 3600, 1),
-            "CPU infer ms/img": round(cost["infer_ms"], 2),
-        })
+        rows.append(row(str(meta_path.parent), size, kwargs, cost, meta["train_config"]["epochs"],
+                        meta["split"]["sizes"]["train"], meta["metrics"]))
+    for size in args.cost_only:  # sizes the sweep has no accuracy for: what they would cost
+        kwargs = {}
+        rows.append(row("(no run: the cost of 10 epochs)", size, kwargs, measure("tf_efficientnet_lite0", size, kwargs, args.repeats),
+                        10, 48000, None))
     if not rows:
         print(f"no runs under {args.runs}: run the sweep first (scripts/gpu_session.sh)")
         return 1
-    rows.sort(key=lambda r: (r["epochs"], r["input"]))
+    rows.sort(key=lambda r: (float(r["epochs"]), int(r["input"].split()[0])))
     print(f"python benchmarks/resolution.py {' '.join(sys.argv[1:])}".strip())
     print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}; batch 32, median of {args.repeats}\n")
     print(format_table(rows, list(rows[0])))

@@ -5,6 +5,12 @@
 Both twins run the same recipe, budget, seeds and split (`train` with the same TrainConfig);
 only `distill_alpha` differs, so the accuracy gap is the teacher's effect.
 
+Defaults alpha 0.5, T 1: the loss is then cross-entropy against a 50/50 mix of the smoothed label
+and the teacher's probabilities, with the same gradient scale as plain training, so the level-3
+recipe's large learning rate stays stable. Hinton's T = 4, alpha = 0.7 multiplies the soft term's
+gradient by alpha * T = 2.8 on these targets, and the student diverged at the peak learning rate
+(benchmarks/RESULTS.md, "Distillation").
+
 The teacher is the zoo's fitted ensemble (weights and temperature from ensemble.json; members
 with zero weight left out). Its soft targets are the calibrated, flip-averaged probabilities on each
 un-augmented training image, as log-probabilities (valid logits: softmax(log p) = p). They are
@@ -22,7 +28,7 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
-from .engine import TrainConfig, resolve_device, train
+from .engine import TrainConfig, TrainResult, resolve_device, train
 from .ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
@@ -77,13 +83,33 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     return logits
 
 
+def finished_run(folder: Path, cfg: TrainConfig) -> TrainResult | None:
+    """A checkpoint already trained in `folder` with exactly this config (the twin does not depend
+    on the teacher), as a TrainResult; None when there is none or its config differs."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    if not (folder / "meta.json").exists():
+        return None
+    try:
+        model, meta = load_checkpoint(folder)
+    except CheckpointError:
+        return None
+    ignore = {"progress"}
+    recorded = {k: v for k, v in meta.get("train_config", {}).items() if k not in ignore}
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    if recorded != wanted:
+        return None
+    print(f"reusing {folder}: already trained with this exact config")
+    return TrainResult(model=model, history=meta.get("history", []), metrics=meta["metrics"], out_dir=folder)
+
+
 def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_small", epochs: float = 8,
-                 seed: int = 0, alpha: float = 0.7, temperature: float = 4.0, teacher_root=DEFAULT_ROOT,
+                 seed: int = 0, alpha: float = 0.5, temperature: float = 1.0, teacher_root=DEFAULT_ROOT,
                  teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True) -> dict:
     """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results."""
     out_root = Path(out_root)
+    # The twin's config has no teacher settings, so one twin serves every alpha/temperature tried.
     cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
-                  distill_alpha=0.0, distill_temperature=temperature)
+                  distill_alpha=0.0, distill_temperature=TrainConfig.distill_temperature)
     teacher = teacher_ensemble(teacher_root, tta=teacher_tta)
     device = resolve_device(cfg.device)
     for m in teacher.members:  # the teacher labels 48k images once: on the GPU when there is one
@@ -91,8 +117,9 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     split = make_split(data, cfg.split, cfg.split_seed)
     logits = cached_teacher_logits(teacher, data, split.train, out_root)
     teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
-    scratch = train(cfg, out_root / f"{student}_scratch", data,
-                    extra_meta={"distillation": {"role": "from-scratch twin", **teacher}})
-    distilled = train(replace(cfg, distill_alpha=alpha), out_root / f"{student}_distilled", data,
+    scratch = finished_run(out_root / f"{student}_scratch", cfg) or train(
+        cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})
+    distilled = train(replace(cfg, distill_alpha=alpha, distill_temperature=temperature),
+                      out_root / f"{student}_distilled", data,
                       extra_meta={"distillation": {"role": "distilled", **teacher}}, teacher_logits=logits)
     return {"scratch": scratch, "distilled": distilled}

@@ -49,8 +49,8 @@ LEVELS: dict[int, Level] = {
     # A distillation config: train.py runs the pipeline (student + from-scratch twin under `out`,
     # ONNX/int8 exports, benchmark tables) rather than one training run.
     5: Level(5, "production: the ensemble distilled into cifar_cnn_small, ONNX + int8 exports, latency tables",
-             TrainConfig(model="cifar_cnn_small", epochs=8, batch_size=1024, tta=2, distill_alpha=0.7,
-                         distill_temperature=4.0), "runs/distill"),
+             TrainConfig(model="cifar_cnn_small", epochs=8, batch_size=1024, tta=2, distill_alpha=0.5,
+                         distill_temperature=1.0), "runs/distill"),
 }
 
 

@@ -84,7 +84,7 @@ def test_level5_runs_distill_then_export_then_benchmark(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(tuple(map(str, cmd))) or
                         SimpleNamespace(returncode=0))
     assert train.main(["--level", "5", "--data", "DATA"]) == 0
-    assert calls[0] == ("distill", "cifar_cnn_small", 8, 0.7, 4.0, "runs/distill")
+    assert calls[0] == ("distill", "cifar_cnn_small", 8, 0.5, 1.0, "runs/distill")
     export, bench = calls[1], calls[2]
     assert export[1:3] == ("train.py", "export") and str(tmp_path / "distilled") in export and "DATA" in export
     assert bench[1].endswith("export_latency.py") and "--students" in bench
