@@ -199,12 +199,6 @@ def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, tra
         raise ValueError("teacher_logits has no (finite) value for some training images")
 
 
-def _mix(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Mixup/CutMix (if configured): returns (images, partner labels, weight of the own labels)."""
-    x, _, y_partner, lam = mix_batch(x, y, cfg.augment, gen)
-    return x, y_partner, lam
-
-
 def resolve_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
         name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
@@ -352,7 +346,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
             x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed)
             y = y_train[idx]
-            x, y_mix, lam = _mix(x, y, cfg, gen)
+            x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
             x = resize(x, spec.input_size).contiguous(memory_format=memory_format)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)

@@ -141,18 +141,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T minimizing NLL of softmax(logits / T) (temperature scaling, Guo et al. 2017).
 
     One scalar per model, fitted on validation data: accuracy is unchanged, confidences become
-    honest (label smoothing, for one, leaves a model underconfident)."""
-    logits = logits.detach().float().clone()  # a normal tensor even if made under inference_mode
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-    with torch.enable_grad():
-        opt.step(closure)
+    honest (label smoothing, for one, leaves a model underconfident). Log-probabilities are valid
+    logits, so the same fit calibrates an ensemble's average (fit_weights)."""
+    logits = logits.detach().double()  # a normal tensor even if made under inference_mode
+    log_t = torch.zeros(1, dtype=torch.double, requires_grad=True)
+    _lbfgs(log_t, lambda t: torch.nn.functional.cross_entropy(logits / t.exp(), labels), 100)
     return float(log_t.detach().exp())
 
 
@@ -212,6 +205,9 @@ def _lbfgs(param: torch.Tensor, loss_fn, max_iter: int) -> None:
         opt.step(closure)
 
 
+_temperature_fit = fit_temperature  # fit_weights' `fit_temperature` flag shadows the function's name
+
+
 @dataclass
 class WeightFit:
     weights: list[float]      # on the simplex, in member order
@@ -248,9 +244,7 @@ def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, fit_temperature: 
     temperature, nll = 1.0, nll_weights
     if fit_temperature:
         mix = mixture_log_probs(lp, weights)
-        log_t = torch.zeros(1, dtype=torch.double, requires_grad=True)
-        _lbfgs(log_t, lambda t: _nll(torch.log_softmax(mix / t.exp(), 1), labels), 100)
-        t = float(log_t.detach().exp())
+        t = _temperature_fit(mix, labels)
         nll_t = float(_nll(torch.log_softmax(mix / t, 1), labels))
         if nll_t < nll_weights - 1e-4:  # a real gain, not rounding: else T stays exactly 1
             temperature, nll = t, nll_t

@@ -48,8 +48,8 @@ def evaluate_predictor(predictor, images_u8: torch.Tensor, labels: torch.Tensor,
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain Markdown table (readable in a terminal, pastes into RESULTS.md)."""
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    def cell(v):  # a "|" or newline inside a value would break the table
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

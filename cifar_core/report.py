@@ -26,6 +26,7 @@ import numpy as np
 
 from .checkpoint import atomic_write_bytes
 from .data import CLASSES
+from .evaluate import _save_figure, format_table
 
 FIGURES = "figures"
 SAMPLE_COUNT = 24          # sample-predictions grid: 4 rows of 6
@@ -215,10 +216,7 @@ def data_note(meta: dict) -> str:
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:
-    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return format_table([dict(zip(headers, row)) for row in rows], headers)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -279,9 +277,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    from .evaluate import _save_figure
-    _save_figure(fig, path)
+_save = _save_figure  # atomic PNG write, shared with the checkpoint plots
 
 
 def plot_bars(labels: list[str], values: list[float], path: Path, title: str, reference: float | None = None,
