@@ -100,8 +100,9 @@ def export_onnx(model: nn.Module, path: str | Path, spec=None, extra_meta: dict 
 
 
 def _set_metadata(proto, spec, extra: dict | None) -> None:
-    entries = {"cifar_core.spec": json.dumps(spec.to_dict()), **{
-        f"cifar_core.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()}}
+    # Every value JSON-encoded, strings too: a raw "227e327" (a git hash) would read back as inf.
+    entries = {"cifar_core.spec": json.dumps(spec.to_dict()),
+               **{f"cifar_core.{k}": json.dumps(v) for k, v in (extra or {}).items()}}
     del proto.metadata_props[:]
     for key, value in entries.items():
         prop = proto.metadata_props.add()

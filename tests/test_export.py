@@ -65,6 +65,14 @@ def test_export_round_trip_any_batch_size_and_metadata(small_export):
                           atol=1e-4)
 
 
+def test_metadata_strings_that_look_like_numbers_stay_strings(tmp_path):
+    # a git hash such as 227e327 or 1234567 is a valid JSON number; it must come back as the same string
+    model = trained_like_small_model()
+    extra = {"code_version": "227e327", "checkpoint": "1234567", "temperature": 1.5, "tta": 2}
+    meta = read_metadata(export_onnx(model, tmp_path / "fp32.onnx", extra_meta=extra))
+    assert {k: meta[k] for k in extra} == extra
+
+
 def test_broken_onnx_files_raise_export_error(tmp_path, small_export):
     _, path = small_export
     truncated = tmp_path / "truncated.onnx"
