@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/distill")
     d.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the shared recipe (student and twin alike), e.g. lr=1.0")
     data_args(d)
 
     n = sub.add_parser("ensemble", help="fit the ensemble's weights on val and write checkpoints/ensemble.json",
@@ -361,6 +363,10 @@ def cmd_distill(args, parser) -> int:
     if not 0 < args.alpha <= 1:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
+    try:
+        base = apply_settings(base, args.set)
+    except ValueError as e:
+        parser.error(str(e))
     results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
                            args.temperature, args.teacher, teacher_tta=args.teacher_tta, base=base,
                            progress=not args.no_progress)

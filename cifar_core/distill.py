@@ -83,9 +83,10 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     return logits
 
 
-def finished_run(folder: Path, cfg: TrainConfig) -> TrainResult | None:
-    """A checkpoint already trained in `folder` with exactly this config (the twin does not depend
-    on the teacher), as a TrainResult; None when there is none or its config differs."""
+def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult | None:
+    """A checkpoint already trained in `folder` with exactly this config on these data (the twin
+    does not depend on the teacher), as a TrainResult; None when there is none or anything differs.
+    The data are compared by fingerprint, not by the path they were given as."""
     from .checkpoint import CheckpointError, load_checkpoint
     if not (folder / "meta.json").exists():
         return None
@@ -93,10 +94,10 @@ def finished_run(folder: Path, cfg: TrainConfig) -> TrainResult | None:
         model, meta = load_checkpoint(folder)
     except CheckpointError:
         return None
-    ignore = {"progress"}
+    ignore = {"progress", "data"}
     recorded = {k: v for k, v in meta.get("train_config", {}).items() if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    if recorded != wanted:
+    if recorded != wanted or meta.get("data", {}).get("fingerprint") != data.fingerprint:
         return None
     print(f"reusing {folder}: already trained with this exact config")
     return TrainResult(model=model, history=meta.get("history", []), metrics=meta["metrics"], out_dir=folder)
@@ -117,7 +118,7 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     split = make_split(data, cfg.split, cfg.split_seed)
     logits = cached_teacher_logits(teacher, data, split.train, out_root)
     teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
-    scratch = finished_run(out_root / f"{student}_scratch", cfg) or train(
+    scratch = finished_run(out_root / f"{student}_scratch", cfg, data) or train(
         cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})
     distilled = train(replace(cfg, distill_alpha=alpha, distill_temperature=temperature),
                       out_root / f"{student}_distilled", data,

@@ -89,3 +89,37 @@ def test_level5_runs_distill_then_export_then_benchmark(monkeypatch, tmp_path):
     assert export[1:3] == ("train.py", "export") and str(tmp_path / "distilled") in export and "DATA" in export
     assert bench[1].endswith("export_latency.py") and "--students" in bench
 
+
+
+def test_distill_cli_set_overrides_the_shared_recipe(monkeypatch):
+    """`train.py distill --set` reaches student and twin alike (one base config); bad keys are usage errors."""
+    import train
+    from cifar_core import distill
+    seen = {}
+    monkeypatch.setattr(distill, "distill_pair", lambda data, out, *a, base=None, **kw: seen.update(base=base) or {})
+    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: None)
+    assert train.main(["distill", "--set", "lr=1.0", "--set", "augment.translate=4"]) == 0
+    assert seen["base"].lr == 1.0 and seen["base"].augment.translate == 4
+    with pytest.raises(SystemExit):
+        train.main(["distill", "--set", "no_such_field=1"])
+
+
+def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
+    from types import SimpleNamespace
+    from dataclasses import replace
+    from cifar_core.checkpoint import save_checkpoint
+    from cifar_core.data import CLASSES
+    from cifar_core.distill import finished_run
+    from cifar_core.models import create_model
+    model = create_model("cifar_cnn_small")
+    cfg = TrainConfig(model="cifar_cnn_small", epochs=2, data="/somewhere/cifar10")
+    save_checkpoint(tmp_path / "twin", model, {
+        "model": "cifar_cnn_small", "model_kwargs": model.model_kwargs, "classes": list(CLASSES),
+        "spec": model.spec.to_dict(), "train_config": cfg.to_dict(), "data": {"fingerprint": "abc"},
+        "metrics": {"test": {"accuracy": 0.5}}, "history": []})
+    same_data = SimpleNamespace(fingerprint="abc")
+    # the same images given by another path (or by $CIFAR10_DIR) are the same data
+    assert finished_run(tmp_path / "twin", replace(cfg, data=None, progress=False), same_data).metrics["test"]
+    assert finished_run(tmp_path / "twin", cfg, SimpleNamespace(fingerprint="other")) is None
+    assert finished_run(tmp_path / "twin", replace(cfg, lr=1.0), same_data) is None
+    assert finished_run(tmp_path / "nothing", cfg, same_data) is None
