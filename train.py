@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_float, help="training epochs (fractions allowed)")
     t.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     t.add_argument("--lr", type=positive_float, help="peak learning rate")
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), help="SGD with Nesterov momentum, or AdamW")
+    t.add_argument("--optimizer", choices=("sgd", "adamw", "muon"),
+                   help="SGD with Nesterov momentum, AdamW, or Muon for conv filters (SGD for the rest)")
     t.add_argument("--weight-decay", type=float, help="weight decay on conv/linear weights (never norms/biases)")
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy (0-1)")
     t.add_argument("--schedule", choices=("triangle", "cosine"), help="lr schedule after warmup")

@@ -95,7 +95,9 @@ def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult |
     except CheckpointError:
         return None
     ignore = {"progress", "data"}
-    recorded = {k: v for k, v in meta.get("train_config", {}).items() if k not in ignore}
+    # through from_dict: fields added since the run was recorded take their defaults
+    recorded = {k: v for k, v in TrainConfig.from_dict(meta.get("train_config", {})).to_dict().items()
+                if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     if recorded != wanted or meta.get("data", {}).get("fingerprint") != data.fingerprint:
         return None

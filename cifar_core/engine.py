@@ -38,7 +38,7 @@ class TrainConfig:
     # optimization
     epochs: float = 10.0
     batch_size: int = 1024
-    optimizer: str = "sgd"            # "sgd" (Nesterov) or "adamw"
+    optimizer: str = "sgd"            # "sgd" (Nesterov), "adamw", or "muon" (conv filters; SGD for the rest)
     lr: float = 1.5                   # peak learning rate (mean loss over the batch)
     momentum: float = 0.85
     weight_decay: float = 1.33e-3     # PyTorch-style; never applied to norms and biases
@@ -49,6 +49,8 @@ class TrainConfig:
     lr_start: float = 0.2             # factors of the peak lr at step 0 and at the end
     lr_end: float = 0.07
     lookahead: bool = True            # pull fast weights towards a slow average every 5 steps
+    muon_lr: float = 0.24             # optimizer="muon": peak lr of the conv filters (relative steps)
+    muon_momentum: float = 0.6
     # data
     data: str | None = None
     split: str = "seed"
@@ -134,11 +136,20 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
+    for group in groups:  # the peak lr (the training loop rescales it every step)
+        group["lr"] = cfg.lr * group["lr_scale"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
+    if cfg.optimizer == "muon":
+        from .optim import MuonSGD
+        decay = groups[0]["params"]  # conv filters (4-D) leave the SGD group for Muon; the head stays
+        groups[0]["params"] = [p for p in decay if p.ndim != 4]
+        filters = {"params": [p for p in decay if p.ndim == 4], "muon": True, "weight_decay": 0.0,
+                   "momentum": cfg.muon_momentum, "lr_scale": cfg.muon_lr / cfg.lr, "lr": cfg.muon_lr}
+        return MuonSGD([g for g in (*groups, filters) if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use sgd, adamw or muon")
 
 
 class Lookahead:
