@@ -41,7 +41,7 @@ def test_flop_count_of_cifar_cnn_matches_an_analytic_count():
 
 def test_recipes_use_the_official_split():
     script = load_script()
-    assert {"fast", "long"} <= set(script.RECIPES)
+    assert {"fast", "long", "muon"} <= set(script.RECIPES)
     for _, cfg in script.RECIPES.values():
         assert cfg.split == "official"
 
