@@ -24,9 +24,10 @@ frozen whitening stem's weight or the input). Muon's Newton-Schulz iterations ar
 either: about 10.6 GFLOP per 1024-image step for cifar_cnn, 0.010 GFLOP per image (1.5%).
 Achieved GFLOP/s = training (forward + backward) FLOPs per image x images/s, set against the
 machine's measured fp32 matmul throughput (the median of --peak-repeats timed torch.mm calls of
---peak-size square matrices after warm-up, at the current torch thread count), measured before the first and after the last run; the higher of the
-two medians is the "peak" (a busy shared CPU can only lower a measurement). The 1-thread matmul
-is printed beside it, to show whether the matmul scales with the threads at all on this machine.
+--peak-size square matrices after warm-up, at the current torch thread count), measured before
+the first and after the last run; the higher of the two medians is the "peak" (a busy shared CPU
+can only lower a measurement). The 1-thread matmul is printed beside it, to show whether the
+matmul scales with the threads at all on this machine.
 
 Prints the exact command line, the environment, a summary table (mean ± sample std over seeds)
 and a per-seed table, all Markdown; --json saves the raw numbers.

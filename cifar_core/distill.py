@@ -87,11 +87,9 @@ def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult |
     """A checkpoint already trained in `folder` with exactly this config on these data (the twin
     does not depend on the teacher), as a TrainResult; None when there is none or anything differs.
     The data are compared by fingerprint, not by the path they were given as."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    if not (folder / "meta.json").exists():
-        return None
+    from .checkpoint import CheckpointError, load_checkpoint, read_meta
     try:
-        model, meta = load_checkpoint(folder)
+        meta = read_meta(folder)  # compare first: the weights are only read for a match
     except CheckpointError:
         return None
     ignore = {"progress", "data"}
@@ -100,6 +98,10 @@ def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult |
                 if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     if recorded != wanted or meta.get("data", {}).get("fingerprint") != data.fingerprint:
+        return None
+    try:
+        model, meta = load_checkpoint(folder)
+    except CheckpointError:
         return None
     print(f"reusing {folder}: already trained with this exact config")
     return TrainResult(model=model, history=meta.get("history", []), metrics=meta["metrics"], out_dir=folder)

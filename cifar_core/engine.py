@@ -137,6 +137,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
+    if cfg.optimizer == "muon":  # conv filters (4-D) leave the decay group for Muon; the head stays
+        decay = groups[0]["params"]
+        groups[0]["params"] = [p for p in decay if p.ndim != 4]
+        groups = [g for g in groups if g["params"]] + [
+            {"params": [p for p in decay if p.ndim == 4], "muon": True, "weight_decay": 0.0,
+             "momentum": cfg.muon_momentum, "lr_scale": cfg.muon_lr / cfg.lr}]
     for group in groups:  # the peak lr (the training loop rescales it every step)
         group["lr"] = cfg.lr * group["lr_scale"]
     if cfg.optimizer == "sgd":
@@ -145,11 +151,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
     if cfg.optimizer == "muon":
         from .optim import MuonSGD
-        decay = groups[0]["params"]  # conv filters (4-D) leave the SGD group for Muon; the head stays
-        groups[0]["params"] = [p for p in decay if p.ndim != 4]
-        filters = {"params": [p for p in decay if p.ndim == 4], "muon": True, "weight_decay": 0.0,
-                   "momentum": cfg.muon_momentum, "lr_scale": cfg.muon_lr / cfg.lr, "lr": cfg.muon_lr}
-        return MuonSGD([g for g in (*groups, filters) if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use sgd, adamw or muon")
 
 
