@@ -52,6 +52,10 @@ class TrainConfig:
     muon_lr: float = 0.16             # optimizer="muon": peak lr of the conv filters (relative steps;
                                       # 0.16 beat 0.24 on cifar_cnn, benchmarks/RESULTS.md)
     muon_momentum: float = 0.6
+    # progressive resizing: the first steps see downscaled images, which cost far less (the conv
+    # maps shrink with the square of the side), then the side grows in 4-px stages to full size
+    low_res: int = 0                  # side at step 0; 0 = always the model's input size
+    low_res_fraction: float = 0.0     # of all steps spent below full size (equal time per stage)
     # data
     data: str | None = None
     split: str = "seed"
@@ -107,6 +111,19 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule {cfg.schedule!r}: use triangle, cosine or constant")
+
+
+def train_size(step: int, total: int, cfg: TrainConfig, full: int) -> int:
+    """Side of the images the model is trained on at `step` (progressive resizing).
+
+    low_res, low_res + 4, ... full - 4 each take an equal share of the first low_res_fraction
+    of the steps; the rest (and all of training when low_res is 0) run at full size.
+    """
+    if not cfg.low_res or cfg.low_res >= full or step >= cfg.low_res_fraction * total:
+        return full
+    stages = math.ceil((full - cfg.low_res) / 4)
+    stage = int(step / (cfg.low_res_fraction * total) * stages)
+    return min(full, cfg.low_res + 4 * stage)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -361,7 +378,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed)
             y = y_train[idx]
             x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
-            x = resize(x, spec.input_size).contiguous(memory_format=memory_format)
+            size = train_size(step, total_steps, cfg, spec.input_size)
+            x = resize(x, size).contiguous(memory_format=memory_format)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -387,7 +405,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                   "lr": cfg.lr * lr_factor(min(total_steps - 1, first_step + steps - 1), total_steps, cfg),
-                  "seconds": round(seconds, 2), "images_per_s": round(seen * world / seconds, 1)}
+                  "seconds": round(seconds, 2), "images_per_s": round(seen * world / seconds, 1),
+                  "train_size": size}
         if len(split.val):
             model.eval()
             val = evaluate_predictor(val_predictor, data.images[split.val], data.labels[split.val])

@@ -39,9 +39,24 @@ def test_flop_count_of_cifar_cnn_matches_an_analytic_count():
     assert flops["train_per_image"] == pytest.approx(flops["forward_per_image"] + flops["backward_per_image"])
 
 
+def test_progressive_resizing_flops_weigh_each_side_by_its_images():
+    from cifar_core.engine import TrainConfig
+    script = load_script()
+    plain = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=100)
+    assert script.schedule_flops(plain, 1000) == script.count_flops(plain)
+    # half of 20 steps below 32 px: 24 px then 28 px, 5 steps (500 images) each
+    cfg = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=100, low_res=24, low_res_fraction=0.5)
+    flops = script.schedule_flops(cfg, 1000)
+    assert flops["images_per_size"] == {24: 500, 28: 500, 32: 1000}
+    expected = (analytic_forward_flops((32, 64, 128), 24) + analytic_forward_flops((32, 64, 128), 28)
+                + 2 * analytic_forward_flops((32, 64, 128), 32)) / 4
+    assert flops["forward_per_image"] == pytest.approx(expected, rel=0.05)
+    assert flops["forward_per_image"] < script.count_flops(cfg)["forward_per_image"]
+
+
 def test_recipes_use_the_official_split():
     script = load_script()
-    assert {"fast", "long", "muon"} <= set(script.RECIPES)
+    assert {"fast", "long", "muon", "prog"} <= set(script.RECIPES)
     for _, cfg in script.RECIPES.values():
         assert cfg.split == "official"
 

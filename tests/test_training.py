@@ -37,6 +37,20 @@ class Interrupt(Exception):
     pass
 
 
+def test_progressive_resizing_grows_the_side_in_4px_stages_to_full_size():
+    cfg = TrainConfig(low_res=20, low_res_fraction=0.6)
+    sizes = [engine.train_size(step, 100, cfg, 32) for step in range(100)]
+    assert sizes == [20] * 20 + [24] * 20 + [28] * 20 + [32] * 40
+    assert {engine.train_size(s, 100, TrainConfig(), 32) for s in range(100)} == {32}  # off by default
+    assert engine.train_size(0, 100, TrainConfig(low_res=64, low_res_fraction=0.5), 32) == 32  # never upsample
+
+
+def test_progressive_run_trains_small_then_full_size(cifar, data_dir, tmp_path):
+    result = train(quick_config(data_dir, low_res=24, low_res_fraction=0.67), data=cifar)
+    assert [h["train_size"] for h in result.history] == [24, 28, 32]
+    assert result.history[-1]["val_acc"] > 0.3
+
+
 def test_resume_after_a_kill_continues_the_same_run(cifar, data_dir, tmp_path, monkeypatch):
     cfg = quick_config(data_dir, epochs=2, train_subset=1000)
     reference = train(cfg, out_dir=tmp_path / "ref", data=cifar)
