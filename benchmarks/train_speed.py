@@ -54,7 +54,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.engine import TrainConfig, resolve_device, train, train_size  # noqa: E402
+from cifar_core.engine import TrainConfig, resolve_device, step_counts, train, train_size  # noqa: E402
 from cifar_core.evaluate import format_table  # noqa: E402
 from cifar_core.levels import LEVELS  # noqa: E402
 from cifar_core.models import create_model  # noqa: E402
@@ -69,7 +69,7 @@ RECIPES: dict[str, tuple[str, TrainConfig]] = {
     "long": ("the level-3 recipe, 30 epochs (about 1.5-2 h on 2 idle cores)", replace(_FAST, epochs=30)),
     "muon": ("the level-3 recipe with Muon for the conv filters, 5 epochs (goal A's time budget)",
              replace(_FAST, optimizer="muon", epochs=5)),
-    # Progressive resizing buys epochs: 78% of the steps train at 20, 24 and 28 px (0.4-0.7x the
+    # Progressive resizing buys epochs: 78% of the steps train at 20, 24 and 28 px (0.4-0.8x the
     # cost of a 32-px step), so 9 epochs fit the time of 5.5. Batch 512 runs about 5% faster per
     # image on this CPU than 1024; the lrs are halved (SGD) and scaled by ~1/sqrt(2) (Muon) for
     # the twice as many steps.
@@ -114,8 +114,7 @@ def schedule_flops(cfg: TrainConfig, n_train: int) -> dict:
     Without progressive resizing that is simply the count at the model's input size; with it
     (cfg.low_res), every step's images count at that step's side (engine.train_size)."""
     full = count_flops(cfg)
-    steps_per_epoch = -(-n_train // cfg.batch_size)
-    total = max(1, round(cfg.epochs * steps_per_epoch))
+    steps_per_epoch, total = step_counts(n_train, cfg)
     images: dict[int, int] = {}
     for step in range(total):
         size = train_size(step, total, cfg, full["input_size"])

@@ -113,6 +113,12 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     raise ValueError(f"unknown schedule {cfg.schedule!r}: use triangle, cosine or constant")
 
 
+def step_counts(n_images: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over n_images; an epoch's last batch may be short."""
+    steps_per_epoch = math.ceil(n_images / cfg.batch_size)
+    return steps_per_epoch, max(1, round(cfg.epochs * steps_per_epoch))
+
+
 def train_size(step: int, total: int, cfg: TrainConfig, full: int) -> int:
     """Side of the images the model is trained on at `step` (progressive resizing).
 
@@ -346,8 +352,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     optimizer = make_optimizer(model, cfg)
     lookahead = Lookahead(model) if cfg.lookahead else None
     n = len(y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(n, cfg)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     history, best_state, best_val, start_epoch = [], None, -1.0, 0
 
