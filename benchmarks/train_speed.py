@@ -54,7 +54,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.engine import TrainConfig, resolve_device, step_counts, train, train_size  # noqa: E402
+from cifar_core.engine import TrainConfig, resolve_device, step_counts, stem_bias_trains, train, train_size  # noqa: E402
 from cifar_core.evaluate import format_table  # noqa: E402
 from cifar_core.levels import LEVELS  # noqa: E402
 from cifar_core.models import create_model  # noqa: E402
@@ -89,11 +89,14 @@ SEED_COLUMNS = ["seed", "test acc % (TTA)", "test acc % (no TTA)", "train min", 
 # Measurements
 # ---------------------------------------------------------------------------------------------
 
-def count_flops(cfg: TrainConfig, batch: int = 8, size: int | None = None) -> dict:
-    """FLOPs per image of one training step's forward and backward (matmuls and convolutions)."""
+def count_flops(cfg: TrainConfig, batch: int = 8, size: int | None = None, stem_frozen: bool = False) -> dict:
+    """FLOPs per image of one training step's forward and backward (matmuls and convolutions);
+    stem_frozen: counted after the stem's bias stopped learning (TrainConfig.stem_bias_fraction)."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = create_model(cfg.model, input_size=cfg.input_size or None, **cfg.model_kwargs).train()
+    if stem_frozen:
+        model.freeze_stem_bias()
     size = size or model.spec.input_size
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
@@ -109,25 +112,31 @@ def count_flops(cfg: TrainConfig, batch: int = 8, size: int | None = None) -> di
 
 
 def schedule_flops(cfg: TrainConfig, n_train: int) -> dict:
-    """count_flops averaged over the images of the whole run, at the side each step trains on.
+    """count_flops averaged over the images of the whole run, as each step trains them.
 
-    Without progressive resizing that is simply the count at the model's input size; with it
-    (cfg.low_res), every step's images count at that step's side (engine.train_size)."""
+    Without progressive resizing or a stem freeze that is simply the count at the model's input
+    size; with them, every step's images count at that step's side (engine.train_size) and with
+    or without the stem bias's gradient (engine.stem_bias_trains)."""
     full = count_flops(cfg)
     steps_per_epoch, total = step_counts(n_train, cfg)
-    images: dict[int, int] = {}
+    images: dict[tuple[int, bool], int] = {}  # (side, stem frozen) -> images trained that way
     for step in range(total):
-        size = train_size(step, total, cfg, full["input_size"])
+        key = (train_size(step, total, cfg, full["input_size"]), not stem_bias_trains(step, total, cfg))
         start = (step % steps_per_epoch) * cfg.batch_size
-        images[size] = images.get(size, 0) + min(cfg.batch_size, n_train - start)
-    if list(images) == [full["input_size"]]:
+        images[key] = images.get(key, 0) + min(cfg.batch_size, n_train - start)
+    if list(images) == [(full["input_size"], False)]:
         return full
-    counts = {size: full if size == full["input_size"] else count_flops(cfg, size=size) for size in images}
+    counts = {key: full if key == (full["input_size"], False) else count_flops(cfg, size=key[0], stem_frozen=key[1])
+              for key in images}
     n = sum(images.values())
-    mean = {k: sum(counts[s][k] * m for s, m in images.items()) / n
+    mean = {k: sum(counts[key][k] * m for key, m in images.items()) / n
             for k in ("forward_per_image", "backward_per_image", "train_per_image")}
-    return {**full, **mean, "images_per_size": images,
-            "train_per_image_at_size": {s: c["train_per_image"] for s, c in counts.items()}}
+    per_size: dict[int, int] = {}
+    for (size, _), m in images.items():
+        per_size[size] = per_size.get(size, 0) + m
+    return {**full, **mean, "images_per_size": per_size,
+            "train_per_image_by_kind": {f"{size}px" + (", stem frozen" if frozen else ""): c["train_per_image"]
+                                        for (size, frozen), c in counts.items()}}
 
 
 def matmul_peak(size: int = 2048, repeats: int = 7, warmup: int = 2, device: str | torch.device = "cpu") -> dict:

@@ -54,6 +54,20 @@ def test_progressive_resizing_flops_weigh_each_side_by_its_images():
     assert flops["forward_per_image"] < script.count_flops(cfg)["forward_per_image"]
 
 
+
+def test_a_frozen_stem_bias_spares_exactly_the_first_convs_input_gradient():
+    from cifar_core.engine import TrainConfig
+    script = load_script()
+    cfg = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=100, stem_bias_fraction=0.25)
+    learning, frozen = script.count_flops(cfg), script.count_flops(cfg, stem_frozen=True)
+    assert frozen["forward_per_image"] == learning["forward_per_image"]
+    # the first conv (24 -> 32 channels, 3x3, on the 31x31 map) no longer back-propagates to its input
+    assert learning["backward_per_image"] - frozen["backward_per_image"] == 2 * 32 * 24 * 9 * 31 * 31
+    # a quarter of the images train with the stem's bias, three quarters without
+    mean = script.schedule_flops(cfg, 1000)
+    assert mean["train_per_image"] == pytest.approx(
+        (learning["train_per_image"] + 3 * frozen["train_per_image"]) / 4)
+
 def test_recipes_use_the_official_split():
     script = load_script()
     assert {"fast", "long", "muon", "prog"} <= set(script.RECIPES)

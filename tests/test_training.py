@@ -43,6 +43,10 @@ def test_progressive_resizing_grows_the_side_in_4px_stages_to_full_size():
     assert sizes == [20] * 20 + [24] * 20 + [28] * 20 + [32] * 40
     assert {engine.train_size(s, 100, TrainConfig(), 32) for s in range(100)} == {32}  # off by default
     assert engine.train_size(0, 100, TrainConfig(low_res=64, low_res_fraction=0.5), 32) == 32  # never upsample
+    wide = TrainConfig(low_res=20, low_res_fraction=0.6, low_res_step=6)  # 20 and 26 px, then 32
+    assert [engine.train_size(step, 100, wide, 32) for step in range(100)] == [20] * 30 + [26] * 30 + [32] * 40
+    with pytest.raises(ValueError, match="low_res_step"):
+        engine.train_size(0, 100, TrainConfig(low_res=20, low_res_fraction=0.6, low_res_step=0), 32)
 
 
 def test_progressive_run_trains_small_then_full_size(cifar, data_dir, tmp_path):
@@ -50,6 +54,18 @@ def test_progressive_run_trains_small_then_full_size(cifar, data_dir, tmp_path):
     assert [h["train_size"] for h in result.history] == [24, 28, 32]
     assert result.history[-1]["val_acc"] > 0.3
 
+
+
+def test_stem_bias_learns_only_for_its_fraction_of_the_steps(cifar, data_dir):
+    assert [engine.stem_bias_trains(s, 10, TrainConfig(stem_bias_fraction=0.3)) for s in range(10)] == \
+        [True] * 3 + [False] * 7
+    # the stem's bias starts at zero: frozen from the first step it stays there, otherwise it learns
+    frozen = train(quick_config(data_dir, epochs=1, stem_bias_fraction=0.0), data=cifar)
+    assert not frozen.model.whiten.bias.any() and frozen.history[-1]["val_acc"] > 0.25
+    learning = train(quick_config(data_dir, epochs=1, stem_bias_fraction=0.5), data=cifar)
+    assert learning.model.whiten.bias.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="whitening stem"):
+        train(quick_config(data_dir, model="vit_cifar", stem_bias_fraction=0.5), data=cifar)
 
 def test_resume_after_a_kill_continues_the_same_run(cifar, data_dir, tmp_path, monkeypatch):
     cfg = quick_config(data_dir, epochs=2, train_subset=1000)
@@ -84,10 +100,11 @@ def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--model", "cifar_cnn_small", "--epochs", "1", "--train-subset", "800", "--batch-size", "200",
-           "--tta", "0", "--no-progress", "--data", data_dir, "--out", str(out)]
+           "--tta", "0", "--no-progress", "--data", data_dir, "--out", str(out),
+           "--set", "stem_bias_fraction=0.5"]  # the stem freezes mid-epoch: DDP must be rebuilt without it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["history"][0]["epoch"] == 1
+    assert meta["history"][0]["epoch"] == 1 and meta["train_config"]["stem_bias_fraction"] == 0.5
     assert meta["metrics"]["test"]["accuracy"] > 0.1

@@ -73,6 +73,14 @@ class CifarCNN(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
         self.whiten.bias.zero_()
 
+    def stem_bias_trains(self) -> bool:
+        return self.whiten.bias.requires_grad
+
+    def freeze_stem_bias(self) -> None:
+        """Stop training the stem's bias: nothing before layer 1 then needs a gradient, so backward
+        skips the first conv's input gradient, the widest map of the net."""
+        self.whiten.bias.requires_grad_(False)
+
     def features(self, x):
         return self.layers(self.act(self.whiten(x)))
 
