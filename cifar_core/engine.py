@@ -130,10 +130,10 @@ def train_size(step: int, total: int, cfg: TrainConfig, full: int) -> int:
     first low_res_fraction of the steps; the rest (and all of training when low_res is 0) run at
     full size.
     """
+    if cfg.low_res and cfg.low_res_step < 1:  # checked on every call, so a bad config fails at step 0
+        raise ValueError(f"low_res_step must be >= 1 pixel, got {cfg.low_res_step}")
     if not cfg.low_res or cfg.low_res >= full or step >= cfg.low_res_fraction * total:
         return full
-    if cfg.low_res_step < 1:
-        raise ValueError(f"low_res_step must be >= 1 pixel, got {cfg.low_res_step}")
     stages = math.ceil((full - cfg.low_res) / cfg.low_res_step)
     stage = int(step / (cfg.low_res_fraction * total) * stages)
     return min(full, cfg.low_res + cfg.low_res_step * stage)

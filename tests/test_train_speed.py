@@ -54,7 +54,6 @@ def test_progressive_resizing_flops_weigh_each_side_by_its_images():
     assert flops["forward_per_image"] < script.count_flops(cfg)["forward_per_image"]
 
 
-
 def test_a_frozen_stem_bias_spares_exactly_the_first_convs_input_gradient():
     from cifar_core.engine import TrainConfig
     script = load_script()
@@ -67,6 +66,7 @@ def test_a_frozen_stem_bias_spares_exactly_the_first_convs_input_gradient():
     mean = script.schedule_flops(cfg, 1000)
     assert mean["train_per_image"] == pytest.approx(
         (learning["train_per_image"] + 3 * frozen["train_per_image"]) / 4)
+
 
 def test_recipes_use_the_official_split():
     script = load_script()

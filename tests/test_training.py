@@ -55,7 +55,6 @@ def test_progressive_run_trains_small_then_full_size(cifar, data_dir, tmp_path):
     assert result.history[-1]["val_acc"] > 0.3
 
 
-
 def test_stem_bias_learns_only_for_its_fraction_of_the_steps(cifar, data_dir):
     assert [engine.stem_bias_trains(s, 10, TrainConfig(stem_bias_fraction=0.3)) for s in range(10)] == \
         [True] * 3 + [False] * 7
@@ -66,6 +65,7 @@ def test_stem_bias_learns_only_for_its_fraction_of_the_steps(cifar, data_dir):
     assert learning.model.whiten.bias.abs().max() > 1e-3
     with pytest.raises(ValueError, match="whitening stem"):
         train(quick_config(data_dir, model="vit_cifar", stem_bias_fraction=0.5), data=cifar)
+
 
 def test_resume_after_a_kill_continues_the_same_run(cifar, data_dir, tmp_path, monkeypatch):
     cfg = quick_config(data_dir, epochs=2, train_subset=1000)
