@@ -54,7 +54,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.engine import TrainConfig, resolve_device, step_counts, stem_bias_trains, train, train_size  # noqa: E402
+from cifar_core.engine import (TrainConfig, check_stem_freezes, resolve_device, step_counts,  # noqa: E402
+                               stem_bias_trains, train, train_size)
 from cifar_core.evaluate import format_table  # noqa: E402
 from cifar_core.levels import LEVELS  # noqa: E402
 from cifar_core.models import create_model  # noqa: E402
@@ -96,6 +97,7 @@ def count_flops(cfg: TrainConfig, batch: int = 8, size: int | None = None, stem_
     torch.manual_seed(0)
     model = create_model(cfg.model, input_size=cfg.input_size or None, **cfg.model_kwargs).train()
     if stem_frozen:
+        check_stem_freezes(model, cfg.model)
         model.freeze_stem_bias()
     size = size or model.spec.input_size
     x = torch.randn(batch, 3, size, size)
@@ -309,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"FLOPs/img (mean over the run's training images{sizes}): forward {flops['forward_per_image'] / 1e9:.4f} G, "
           f"forward+backward {flops['train_per_image'] / 1e9:.4f} G; matmul peak before: "
           f"{peak_before['median_gflops']:.1f} GFLOP/s", flush=True)
+    if "train_per_image_by_kind" in flops:
+        print("forward+backward GFLOP/img by kind of step: " + ", ".join(
+            f"{kind} {g / 1e9:.4f}" for kind, g in flops["train_per_image_by_kind"].items()), flush=True)
 
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -144,6 +144,12 @@ def stem_bias_trains(step: int, total: int, cfg: TrainConfig) -> bool:
     return step < cfg.stem_bias_fraction * total
 
 
+def check_stem_freezes(model: nn.Module, name: str) -> None:
+    """A stem freeze (stem_bias_fraction < 1) needs a model with a whitening stem."""
+    if not hasattr(model, "freeze_stem_bias"):
+        raise ValueError(f"stem_bias_fraction < 1 needs a model with a whitening stem (cifar_cnn*); {name} has none")
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Weight decay on conv/linear weights only; norms and biases get none.
 
@@ -348,9 +354,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     check_teacher_logits(teacher_logits, data, train_idx, cfg)
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                          input_size=cfg.input_size or None, **cfg.model_kwargs)
-    if cfg.stem_bias_fraction < 1 and not hasattr(model, "freeze_stem_bias"):
-        raise ValueError(f"stem_bias_fraction < 1 needs a model with a whitening stem (cifar_cnn*); "
-                         f"{cfg.model} has none")
+    if cfg.stem_bias_fraction < 1:
+        check_stem_freezes(model, cfg.model)
     spec = model.spec
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)

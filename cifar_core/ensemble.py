@@ -205,9 +205,6 @@ def _lbfgs(param: torch.Tensor, loss_fn, max_iter: int) -> None:
         opt.step(closure)
 
 
-_temperature_fit = fit_temperature  # fit_weights' `fit_temperature` flag shadows the function's name
-
-
 @dataclass
 class WeightFit:
     weights: list[float]      # on the simplex, in member order
@@ -217,7 +214,7 @@ class WeightFit:
     nll: float                # fitted weights and temperature
 
 
-def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, fit_temperature: bool = True,
+def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, with_temperature: bool = True,
                 max_iter: int = 500) -> WeightFit:
     """Weights minimizing the NLL of the weighted average of the members' probabilities.
 
@@ -242,9 +239,9 @@ def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, fit_temperature: 
         if nll_fitted <= nll_equal:
             weights, nll_weights = fitted, nll_fitted
     temperature, nll = 1.0, nll_weights
-    if fit_temperature:
+    if with_temperature:
         mix = mixture_log_probs(lp, weights)
-        t = _temperature_fit(mix, labels)
+        t = fit_temperature(mix, labels)
         nll_t = float(_nll(torch.log_softmax(mix / t, 1), labels))
         if nll_t < nll_weights - 1e-4:  # a real gain, not rounding: else T stays exactly 1
             temperature, nll = t, nll_t

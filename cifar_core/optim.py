@@ -40,6 +40,10 @@ class MuonSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the torch.optim contract: re-evaluate the loss, with gradients
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -58,3 +62,4 @@ class MuonSGD(torch.optim.Optimizer):
                     p.mul_(len(p) ** 0.5 / (p.norm() + 1e-12))
                     update = orthogonalize(update.reshape(len(p), -1), group["ns_steps"]).view_as(p)
                 p.add_(update, alpha=-lr)
+        return loss

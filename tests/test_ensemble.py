@@ -35,15 +35,15 @@ def nll(log_probs, labels):
 
 def test_weight_concentrates_on_the_informative_member():
     labels, lp = synthetic()
-    fit = fit_weights(lp, labels, fit_temperature=False)
+    fit = fit_weights(lp, labels, with_temperature=False)
     assert fit.weights[0] > 0.95 and abs(sum(fit.weights) - 1) < 1e-9
     assert fit.nll_weights < fit.nll_equal - 0.1  # far better than averaging in the noise
     assert fit.nll == pytest.approx(nll(mixture_log_probs(lp.double(), fit.weights), labels), abs=1e-9)
     # member order does not matter
-    swapped = fit_weights(lp.flip(0), labels, fit_temperature=False)
+    swapped = fit_weights(lp.flip(0), labels, with_temperature=False)
     assert swapped.weights[1] == pytest.approx(fit.weights[0], abs=1e-4)
     # deterministic
-    assert fit_weights(lp, labels, fit_temperature=False).weights == fit.weights
+    assert fit_weights(lp, labels, with_temperature=False).weights == fit.weights
     # and it generalizes: fresh data from the same members
     labels2, lp2 = synthetic(seed=1)
     assert nll(mixture_log_probs(lp2, fit.weights), labels2) < nll(mixture_log_probs(lp2, [0.5, 0.5]), labels2)
@@ -65,7 +65,7 @@ def test_ensemble_temperature_fixes_an_overconfident_average_and_is_skipped_when
     assert fit.temperature == pytest.approx(4.0, rel=0.1)
     assert fit.nll < fit.nll_weights - 0.1
     calibrated = fit_weights(lp[:1], labels)  # the exact posterior: nothing to fix
-    assert fit_weights(lp[:1], labels, fit_temperature=False).temperature == 1.0
+    assert fit_weights(lp[:1], labels, with_temperature=False).temperature == 1.0
     assert calibrated.temperature == pytest.approx(1.0, abs=0.05)
 
 

@@ -36,6 +36,21 @@ def test_groups_without_muon_take_exactly_torch_sgd_nesterov_steps():
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_step_calls_the_closure_with_gradients_and_returns_its_loss():
+    model = torch.nn.Linear(4, 1)
+    opt = MuonSGD([{"params": model.parameters()}], lr=0.1, momentum=0.0)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()  # fails if step() ran the closure under no_grad
+        return loss
+    first = opt.step(closure)
+    second = opt.step(closure)
+    assert first is not None and float(second) < float(first)  # the closure's gradients were used
+
+
 def test_muon_takes_the_conv_filters_and_keeps_their_norm():
     model = create_model("cifar_cnn_small")
     opt = make_optimizer(model, TrainConfig(optimizer="muon", muon_lr=0.2, lr=1.0))

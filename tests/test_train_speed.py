@@ -66,6 +66,8 @@ def test_a_frozen_stem_bias_spares_exactly_the_first_convs_input_gradient():
     mean = script.schedule_flops(cfg, 1000)
     assert mean["train_per_image"] == pytest.approx(
         (learning["train_per_image"] + 3 * frozen["train_per_image"]) / 4)
+    with pytest.raises(ValueError, match="whitening stem.*vit_cifar has none"):
+        script.count_flops(TrainConfig(model="vit_cifar"), stem_frozen=True)
 
 
 def test_recipes_use_the_official_split():
