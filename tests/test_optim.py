@@ -48,7 +48,7 @@ def test_step_calls_the_closure_with_gradients_and_returns_its_loss():
         return loss
     first = opt.step(closure)
     second = opt.step(closure)
-    assert first is not None and float(second) < float(first)  # the closure's gradients were used
+    assert first is not None and second.item() < first.item()  # the closure's gradients were used
 
 
 def test_muon_takes_the_conv_filters_and_keeps_their_norm():
