@@ -126,10 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=positive_float, default=1.0,
                    help="softens teacher and student (the soft term is scaled by T^2; see cifar_core/distill.py)")
     d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
-    d.add_argument("--teacher-tta", type=int, choices=(0, 1, 2), default=1,
-                   help="TTA level of the teacher's soft targets (0 is twice as fast as the default flip)")
+    d.add_argument("--views", type=int, default=0,
+                   help="consistent teaching: flips and shifts follow a plan of this many views per image, "
+                        "which the teacher labels one by one ahead of training (same as --set augment.views=V); "
+                        "0: the teacher labels each un-augmented image once")
+    d.add_argument("--teacher-tta", type=int, choices=(0, 1, 2), default=None,
+                   help="TTA level of the teacher's soft targets (default 1, flip; 0 with --views, "
+                        "where the teacher labels each view as shown)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/distill")
+    d.add_argument("--teacher-cache", default=None,
+                   help="folder for the teacher's targets (default --out); share one across seeds")
     d.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -365,12 +372,17 @@ def cmd_distill(args, parser) -> int:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
     try:
-        base = apply_settings(base, args.set)
+        base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else []))
     except ValueError as e:
         parser.error(str(e))
+    if base.augment.views < 0:
+        parser.error(f"--views must be >= 0, got {base.augment.views}")
+    teacher_tta = args.teacher_tta if args.teacher_tta is not None else (0 if base.augment.views else 1)
+    if base.augment.views and teacher_tta:
+        parser.error("--views: the teacher labels each view as shown, so --teacher-tta must be 0")
     results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
-                           args.temperature, args.teacher, teacher_tta=args.teacher_tta, base=base,
-                           progress=not args.no_progress)
+                           args.temperature, args.teacher, teacher_tta=teacher_tta, base=base,
+                           progress=not args.no_progress, teacher_cache=args.teacher_cache)
     for role, r in results.items():
         print(f"{args.student} {role}: test accuracy {r.metrics['test']['accuracy']:.4f} ({r.out_dir})")
     return 0

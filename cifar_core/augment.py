@@ -19,6 +19,10 @@ class AugmentConfig:
     cutout: int = 0           # side of a zeroed square; 0 disables
     mix: str = "none"         # "none", "mixup" or "cutmix": blend pairs of images and their labels
     mix_alpha: float = 1.0    # Beta(alpha, alpha) draws the blend weight
+    # >0: flips and shifts follow a fixed plan of this many views per image (epoch e shows view
+    # e % views), the same for every training seed, so a teacher can label those very views ahead
+    # of training (consistent distillation, cifar_core/distill.py); 0: drawn afresh every epoch
+    views: int = 0
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -43,10 +47,18 @@ def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator | None = No
     """Random crop of the reflect-padded batch: each image shifts by up to `pad` pixels."""
     if pad <= 0:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    n = x.shape[0]
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    return translate(x, pad, dy, dx)
+
+
+def translate(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Crop image i of the reflect-padded batch at offset (dy[i], dx[i]), each in [0, 2 * pad]."""
+    if pad <= 0:
+        return x
+    _, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     out = torch.empty_like(x)
     # One slice per offset (at most 25 for pad=2): vectorized over all images that share it.
     for oy in range(2 * pad + 1):
@@ -92,16 +104,51 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> to
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None,
-                  indices: torch.Tensor | None = None, epoch: int = 0, seed: int = 0) -> torch.Tensor:
-    """Apply the configured augmentations to a float batch in [0, 1] (before normalization)."""
-    if cfg.flip:
-        if cfg.flip_mode == "alternate" and indices is not None:
-            x = alternate_flip(x, indices, epoch, seed)
-        else:
-            x = random_flip(x, gen)
-    x = random_translate(x, cfg.translate, gen)
+                  indices: torch.Tensor | None = None, epoch: int = 0, seed: int = 0,
+                  plan: "ViewPlan | None" = None) -> torch.Tensor:
+    """Apply the configured augmentations to a float batch in [0, 1] (before normalization).
+    With a plan (cfg.views > 0), flips and shifts are the plan's for these data set `indices`."""
+    if plan is not None:
+        x = apply_view(x, plan, indices, cfg)
+    else:
+        if cfg.flip:
+            if cfg.flip_mode == "alternate" and indices is not None:
+                x = alternate_flip(x, indices, epoch, seed)
+            else:
+                x = random_flip(x, gen)
+        x = random_translate(x, cfg.translate, gen)
     x = cutout(x, cfg.cutout, gen)
     return x
+
+
+@dataclass
+class ViewPlan:
+    """One planned view of every image in a data set (rows indexed like data.images)."""
+    flip: torch.Tensor  # bool
+    dy: torch.Tensor    # translation offsets in [0, 2 * translate]
+    dx: torch.Tensor
+
+
+def view_plan(n_images: int, view: int, cfg: AugmentConfig) -> ViewPlan:
+    """View number `view` of all n_images. It depends only on (n_images, view, cfg), never on a
+    run's seed or batch order, so a teacher and every student seed agree on what view v shows.
+    Alternate flipping keeps its meaning: each image is flipped in every other view."""
+    g = torch.Generator().manual_seed(1_000_003 + view)
+    offsets = torch.randint(0, 2 * cfg.translate + 1, (2, n_images), generator=g)
+    if not cfg.flip:
+        flip = torch.zeros(n_images, dtype=torch.bool)
+    elif cfg.flip_mode == "alternate":
+        flip = (_hash_indices(torch.arange(n_images), 0) + view) % 2 == 1
+    else:
+        flip = torch.rand(n_images, generator=g) < 0.5
+    return ViewPlan(flip, offsets[0], offsets[1])
+
+
+def apply_view(x: torch.Tensor, plan: ViewPlan, indices: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Show the batch x (rows = data set rows `indices`) as the plan says: flip, then shift."""
+    indices = indices.cpu()
+    x = torch.where(plan.flip[indices].view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    return translate(x, cfg.translate, plan.dy[indices], plan.dx[indices])
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None):

@@ -12,26 +12,34 @@ gradient by alpha * T = 2.8 on these targets, and the student diverged at the pe
 (benchmarks/RESULTS.md, "Distillation").
 
 The teacher is the zoo's fitted ensemble (weights and temperature from ensemble.json; members
-with zero weight left out). Its soft targets are the calibrated, flip-averaged probabilities on each
-un-augmented training image, as log-probabilities (valid logits: softmax(log p) = p). They are
-computed once, before training (the teacher never runs inside the loop), and saved beside
-the students with the teacher's identity.
+with zero weight left out). Its soft targets are its calibrated probabilities, as log-probabilities
+(valid logits: softmax(log p) = p), computed before training (the teacher never runs inside the
+loop) and cached with the teacher's identity. Two ways:
+- fixed (augment.views = 0): one target per training image, flip-averaged on the un-augmented
+  image; the student sees shifted and flipped views of it, the target stays the same.
+- consistent (augment.views = V, teacher_tta = 0): both twins' flips and shifts follow a plan of V
+  views per image (view_plan), and the teacher labels every view as the student will see it, so
+  the target fits the very image trained on (Beyer et al. 2022, "a good teacher is patient and
+  consistent"). It costs V passes of the teacher over the training set, shared by every seed.
 """
 from __future__ import annotations
 
 import json
+import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from .augment import AugmentConfig, apply_view, view_plan
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
 from .engine import TrainConfig, TrainResult, resolve_device, train
 from .ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
+TEACHER_VIEWS_FILE = "teacher_view_logits.safetensors"
 MIN_TEACHER_WEIGHT = 0.01  # fitted weights below this change the teacher's targets by < 1%
 
 
@@ -55,21 +63,43 @@ def teacher_identity(teacher: Ensemble) -> dict:
             "ensemble_temperature": teacher.temperature}
 
 
-def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor) -> torch.Tensor:
+def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor,
+                   augment: AugmentConfig | None = None) -> torch.Tensor:
     """len(data) x C log-probabilities of the ensemble on `indices`; NaN on every other row, so a
-    student can never silently learn from a row the teacher did not see."""
-    probs = teacher.probs(data.images[indices])
-    out = torch.full((len(data), probs.shape[1]), float("nan"))
+    student can never silently learn from a row the teacher did not see.
+
+    With planned views (augment.views = V > 0) the result is V x len(data) x C: the teacher's
+    targets for the very flipped and shifted images the student will see in each view."""
+    if augment is None or not augment.views:
+        return _log_probs_on_rows(teacher, data.images[indices], indices, len(data))
+    out = []
+    for view in range(augment.views):
+        t0 = time.perf_counter()
+        plan = view_plan(len(data), view, augment)
+        # flips and reflect-padded shifts only move pixels: uint8 in, the same uint8 values out
+        shown = apply_view(data.images[indices].float(), plan, indices, augment).to(torch.uint8)
+        out.append(_log_probs_on_rows(teacher, shown, indices, len(data)))
+        print(f"teacher: view {view + 1}/{augment.views} labelled in {time.perf_counter() - t0:.0f} s", flush=True)
+    return torch.stack(out)
+
+
+def _log_probs_on_rows(teacher: Ensemble, images_u8: torch.Tensor, indices: torch.Tensor, n_rows: int):
+    probs = teacher.probs(images_u8)
+    out = torch.full((n_rows, probs.shape[1]), float("nan"))
     out[indices] = probs.clamp_min(1e-8).log()
     return out
 
 
-def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor, folder: Path) -> torch.Tensor:
-    """teacher_logits(), reused from `folder` when the same teacher already labelled the same data."""
+def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor, folder: Path,
+                          augment: AugmentConfig | None = None) -> torch.Tensor:
+    """teacher_logits(), reused from `folder` when the same teacher already labelled the same data
+    (and the same planned views)."""
     from safetensors.torch import load_file, save
-    path = folder / TEACHER_FILE
+    views = asdict(augment) if augment is not None and augment.views else None
+    path = folder / (TEACHER_FILE if views is None else TEACHER_VIEWS_FILE)
     key = json.dumps({"teacher": teacher_identity(teacher), "data": data.fingerprint,
-                      "indices": int(indices.sum()), "n": len(indices)}, sort_keys=True)
+                      "indices": int(indices.sum()), "n": len(indices), **({"views": views} if views else {})},
+                     sort_keys=True)
     if path.exists():
         try:
             from safetensors import safe_open
@@ -78,7 +108,7 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
                     return load_file(str(path))["logits"]
         except Exception:  # a stale or broken cache is recomputed, never trusted
             pass
-    logits = teacher_logits(teacher, data, indices)
+    logits = teacher_logits(teacher, data, indices, augment)
     atomic_write_bytes(path, save({"logits": logits.contiguous()}, metadata={"key": key}))
     return logits
 
@@ -109,18 +139,22 @@ def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult |
 
 def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_small", epochs: float = 8,
                  seed: int = 0, alpha: float = 0.5, temperature: float = 1.0, teacher_root=DEFAULT_ROOT,
-                 teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True) -> dict:
-    """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results."""
+                 teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True,
+                 teacher_cache: str | Path | None = None) -> dict:
+    """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results.
+    The teacher's targets are cached in teacher_cache (default out_root): one folder can serve every seed."""
     out_root = Path(out_root)
     # The twin's config has no teacher settings, so one twin serves every alpha/temperature tried.
     cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
                   distill_alpha=0.0, distill_temperature=TrainConfig.distill_temperature)
+    if cfg.augment.views and teacher_tta:
+        raise ValueError("with planned views the teacher labels each view as shown: use teacher_tta=0")
     teacher = teacher_ensemble(teacher_root, tta=teacher_tta)
     device = resolve_device(cfg.device)
-    for m in teacher.members:  # the teacher labels 48k images once: on the GPU when there is one
+    for m in teacher.members:  # the teacher labels 48k images (per view) once: on the GPU when there is one
         m.predictor.model.to(device)
     split = make_split(data, cfg.split, cfg.split_seed)
-    logits = cached_teacher_logits(teacher, data, split.train, out_root)
+    logits = cached_teacher_logits(teacher, data, split.train, Path(teacher_cache or out_root), cfg.augment)
     teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
     scratch = finished_run(out_root / f"{student}_scratch", cfg, data) or train(
         cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .augment import AugmentConfig, augment_batch, mix_batch, normalize, resize, to_float
+from .augment import AugmentConfig, augment_batch, mix_batch, normalize, resize, to_float, view_plan
 from .data import Cifar10, load_cifar10, make_split
 from .ensemble import calibrated_metrics
 from .evaluate import evaluate_predictor, plot_confusion, plot_curves
@@ -243,15 +243,29 @@ def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
 def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, train_idx: torch.Tensor,
                          cfg: TrainConfig) -> None:
+    """Fixed soft targets are len(data) x C; with planned views (cfg.augment.views = V) they are
+    V x len(data) x C, the teacher's targets for each view."""
     if cfg.distill_alpha <= 0:
         return
     if teacher_logits is None:
         raise ValueError("distill_alpha > 0 needs teacher_logits (one row per image of the data set)")
-    if teacher_logits.dim() != 2 or len(teacher_logits) != len(data):
-        raise ValueError(f"teacher_logits must be {len(data)} x classes (indexed like data.images), "
+    views = cfg.augment.views
+    rows = (views, len(data)) if views else (len(data),)
+    if teacher_logits.dim() != len(rows) + 1 or tuple(teacher_logits.shape[:-1]) != rows:
+        shape = f"{views} views x {len(data)} images x classes" if views else f"{len(data)} x classes"
+        raise ValueError(f"teacher_logits must be {shape} (indexed like data.images), "
                          f"got {tuple(teacher_logits.shape)}")
-    if not torch.isfinite(teacher_logits[train_idx]).all():
+    if views and cfg.augment.cutout:
+        raise ValueError("distillation over planned views and cutout do not combine: the teacher never saw the squares")
+    if not torch.isfinite(teacher_logits[..., train_idx, :]).all():
         raise ValueError("teacher_logits has no (finite) value for some training images")
+
+
+def teacher_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, epoch: int, cfg: TrainConfig) -> torch.Tensor:
+    """The soft targets of data set `rows` as shown in this epoch (its planned view, if any)."""
+    if cfg.augment.views:
+        return teacher_logits[epoch % cfg.augment.views, rows]
+    return teacher_logits[rows]
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -342,6 +356,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, rank)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    if cfg.augment.views < 0:
+        raise ValueError(f"augment.views must be >= 0 (0: no planned views), got {cfg.augment.views}")
     if cfg.distill_alpha > 0 and cfg.augment.mix != "none":
         raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
     out_dir = Path(out_dir) if out_dir else None
@@ -393,6 +409,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         # Augmentation randomness is seeded per epoch (and rank), so a resumed run is the same run.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+        plan = view_plan(len(data), epoch % cfg.augment.views, cfg.augment) if cfg.augment.views else None
         first_step = epoch * steps_per_epoch
         steps = min(steps_per_epoch, total_steps - first_step)
         loss_sum = correct = seen = 0.0
@@ -400,7 +417,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         for i in range(steps):
             step = first_step + i
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
-            x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed)
+            x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed,
+                              plan=plan)
             y = y_train[idx]
             x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
             size = train_size(step, total_steps, cfg, spec.input_size)
@@ -414,7 +432,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = train_model(x)
             if cfg.distill_alpha > 0:
-                loss = soft_target_loss(out.float(), teacher_logits[train_idx[idx]], y, cfg)
+                loss = soft_target_loss(out.float(), teacher_targets(teacher_logits, train_idx[idx], epoch, cfg), y, cfg)
             else:
                 loss = lam * F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
                 if lam < 1:

@@ -69,3 +69,27 @@ def test_mixup_and_cutmix_blend_images_and_weigh_labels_by_what_was_kept():
     assert torch.allclose(own[moved], torch.full_like(own[moved], lam), atol=1e-6)
     again = mix_batch(x, y, AugmentConfig(mix="cutmix"), torch.Generator().manual_seed(1))
     assert torch.equal(again[0], cut)  # the generator makes it reproducible
+
+
+def test_view_plan_is_a_fixed_flip_and_shift_per_image_whatever_the_batch():
+    from cifar_core.augment import apply_view, view_plan
+    cfg = AugmentConfig(views=4)
+    x = batch(300)
+    rows = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:300]  # data set rows of x
+    plan = view_plan(1000, 1, cfg)
+    assert torch.equal(plan.dy, view_plan(1000, 1, cfg).dy)  # no hidden randomness: a teacher can replay it
+    assert not torch.equal(plan.dy, view_plan(1000, 2, cfg).dy)
+    whole = apply_view(x, plan, rows, cfg)
+    # the same rows in another batch order (a student's shuffle) get the same views
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(apply_view(x[order], plan, rows[order], cfg), whole[order])
+    assert torch.equal(augment_batch(x, cfg, indices=rows, plan=plan), whole)  # no cutout: the plan alone
+    for i in range(0, 300, 7):  # flip first, then crop the reflect-padded image at the planned offset
+        r = rows[i]
+        src = torch.nn.functional.pad(x[i].flip(-1) if plan.flip[r] else x[i], (2, 2, 2, 2), mode="reflect")
+        assert torch.equal(whole[i], src[:, plan.dy[r]:plan.dy[r] + 32, plan.dx[r]:plan.dx[r] + 32])
+    # alternate flipping: every image flips in exactly one of two consecutive views, about half per view
+    flips = torch.stack([view_plan(1000, v, cfg).flip for v in range(4)])
+    assert bool((flips[0] ^ flips[1]).all() and (flips[1] ^ flips[2]).all())
+    assert 400 < int(flips[0].sum()) < 600
+    assert set(plan.dy.tolist()) == set(range(5)) and set(plan.dx.tolist()) == set(range(5))

@@ -1,8 +1,11 @@
 """Distillation: the soft-target loss, the teacher's targets, and a short real-data run with a teacher."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cifar_core.augment import AugmentConfig, apply_view, view_plan
 from cifar_core.engine import TrainConfig, check_teacher_logits, soft_target_loss, train
 
 
@@ -34,6 +37,15 @@ def test_teacher_logits_are_checked(cifar):
     with pytest.raises(ValueError, match="no \\(finite\\) value"):
         check_teacher_logits(partial, cifar, idx, cfg)
     check_teacher_logits(None, cifar, idx, TrainConfig())  # plain training needs no teacher
+    # planned views: one set of targets per view
+    views = TrainConfig(distill_alpha=0.5, augment=AugmentConfig(views=2))
+    check_teacher_logits(torch.zeros(2, len(cifar), 10), cifar, idx, views)
+    for wrong in (torch.zeros(len(cifar), 10), torch.zeros(3, len(cifar), 10)):
+        with pytest.raises(ValueError, match="2 views x"):
+            check_teacher_logits(wrong, cifar, idx, views)
+    with pytest.raises(ValueError, match="cutout"):
+        check_teacher_logits(torch.zeros(2, len(cifar), 10), cifar, idx,
+                             replace(views, augment=AugmentConfig(views=2, cutout=8)))
 
 
 def test_teacher_logits_cover_exactly_the_given_rows(cifar):
@@ -49,16 +61,27 @@ def test_teacher_logits_cover_exactly_the_given_rows(cifar):
     assert logits.shape == (len(cifar), 10)
     assert torch.isfinite(logits[idx]).all() and torch.isnan(logits[:3]).all()
     assert torch.allclose(logits[idx].softmax(1), member.predictor.probs(cifar.images[idx]), atol=1e-5)
+    # planned views: the teacher labels each view exactly as the student will be shown it
+    aug = AugmentConfig(views=2)
+    logits = teacher_logits(Ensemble([member]), cifar, idx, aug)
+    assert logits.shape == (2, len(cifar), 10) and torch.isnan(logits[:, :3]).all()
+    for view in range(2):
+        shown = apply_view(cifar.images[idx].float(), view_plan(len(cifar), view, aug), idx, aug)
+        expected = member.predictor.probs(shown.to(torch.uint8))
+        assert torch.allclose(logits[view, idx].softmax(1), expected, atol=1e-5)
+    assert not torch.allclose(logits[0, idx], logits[1, idx])  # the views differ
 
 
-def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path):
+@pytest.mark.parametrize("views", [0, 2])
+def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path, views):
     # A teacher that knows the labels, as sure as a calibrated model (0.82 on the true class):
     # distilling from it alone must train the student about as well as labels do (0.27 here).
     probs = torch.full((len(cifar), 10), 0.02)
     probs[torch.arange(len(cifar)), cifar.labels] = 0.82
-    teacher = probs.log()
+    teacher = probs.log().expand(views, -1, -1) if views else probs.log()
     cfg = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=200, train_subset=1000, data=data_dir,
-                      progress=False, tta=0, lr=1.0, distill_alpha=0.9, distill_temperature=2.0)
+                      progress=False, tta=0, lr=1.0, distill_alpha=0.9, distill_temperature=2.0,
+                      augment=AugmentConfig(views=views))
     result = train(cfg, out_dir=tmp_path / "student", data=cifar, teacher_logits=teacher)
     assert result.history[-1]["val_acc"] > 0.2  # chance is 0.1
     import json
@@ -96,12 +119,18 @@ def test_distill_cli_set_overrides_the_shared_recipe(monkeypatch):
     import train
     from cifar_core import distill
     seen = {}
-    monkeypatch.setattr(distill, "distill_pair", lambda data, out, *a, base=None, **kw: seen.update(base=base) or {})
+    monkeypatch.setattr(distill, "distill_pair", lambda data, out, *a, base=None, teacher_tta=None, **kw:
+                        seen.update(base=base, teacher_tta=teacher_tta) or {})
     monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: None)
     assert train.main(["distill", "--set", "lr=1.0", "--set", "augment.translate=4"]) == 0
     assert seen["base"].lr == 1.0 and seen["base"].augment.translate == 4
-    with pytest.raises(SystemExit):
-        train.main(["distill", "--set", "no_such_field=1"])
+    assert seen["base"].augment.views == 0 and seen["teacher_tta"] == 1
+    # consistent teaching: the plan reaches both twins, and the teacher labels each view as shown
+    assert train.main(["distill", "--views", "8"]) == 0
+    assert seen["base"].augment.views == 8 and seen["teacher_tta"] == 0
+    for bad in (["--set", "no_such_field=1"], ["--views", "8", "--teacher-tta", "1"], ["--views", "-2"]):
+        with pytest.raises(SystemExit):
+            train.main(["distill", *bad])
 
 
 def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
