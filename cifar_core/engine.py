@@ -432,7 +432,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = train_model(x)
             if cfg.distill_alpha > 0:
-                loss = soft_target_loss(out.float(), teacher_targets(teacher_logits, train_idx[idx], epoch, cfg), y, cfg)
+                targets = teacher_targets(teacher_logits, train_idx[idx], epoch, cfg)
+                loss = soft_target_loss(out.float(), targets, y, cfg)
             else:
                 loss = lam * F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
                 if lam < 1:
