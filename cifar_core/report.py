@@ -624,11 +624,13 @@ def section_distill(rep: Report, src: Sources) -> None:
         a, b = by_role.get("distilled"), by_role.get("from-scratch twin")
         if a and b and a.test.get("accuracy") is not None and b.test.get("accuracy") is not None:
             d = a.meta["distillation"]
+            views = ((a.meta.get("train_config") or {}).get("augment") or {}).get("views")
             teachers = ", ".join(f"`{m.get('name')}`" for m in d.get("members", []) if isinstance(m, dict))
             lines.append(f"Distillation gain: test accuracy {fmt_pct(b.test['accuracy'])} -> "
                          f"{fmt_pct(a.test['accuracy'])} ({100 * (a.test['accuracy'] - b.test['accuracy']):+.2f} pp)"
                          + (f"; teacher: {teachers}" if teachers else "")
-                         + (f"; alpha {d['alpha']}, T {d['temperature']}" if "alpha" in d and "temperature" in d else ""))
+                         + (f"; alpha {d['alpha']}, T {d['temperature']}" if "alpha" in d and "temperature" in d else "")
+                         + (f"; consistent teaching over {views} planned views" if views else ""))
         parts.append("\n\n".join(lines))
     rep.add(*parts)
 
