@@ -375,8 +375,6 @@ def cmd_distill(args, parser) -> int:
         base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else []))
     except ValueError as e:
         parser.error(str(e))
-    if base.augment.views < 0:
-        parser.error(f"--views must be >= 0, got {base.augment.views}")
     teacher_tta = args.teacher_tta if args.teacher_tta is not None else (0 if base.augment.views else 1)
     if base.augment.views and teacher_tta:
         parser.error("--views: the teacher labels each view as shown, so --teacher-tta must be 0")

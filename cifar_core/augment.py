@@ -24,6 +24,10 @@ class AugmentConfig:
     # of training (consistent distillation, cifar_core/distill.py); 0: drawn afresh every epoch
     views: int = 0
 
+    def __post_init__(self):
+        if self.views < 0:
+            raise ValueError(f"augment.views must be >= 0 (0: no planned views), got {self.views}")
+
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div_(255.0)
@@ -105,7 +109,7 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> to
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None,
                   indices: torch.Tensor | None = None, epoch: int = 0, seed: int = 0,
-                  plan: "ViewPlan | None" = None) -> torch.Tensor:
+                  plan: ViewPlan | None = None) -> torch.Tensor:
     """Apply the configured augmentations to a float batch in [0, 1] (before normalization).
     With a plan (cfg.views > 0), flips and shifts are the plan's for these data set `indices`."""
     if plan is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -73,11 +73,10 @@ def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor,
     if augment is None or not augment.views:
         return _log_probs_on_rows(teacher, data.images[indices], indices, len(data))
     out = []
+    images = data.images[indices].float()  # flips and reflect-padded shifts only move pixels: exact in uint8
     for view in range(augment.views):
         t0 = time.perf_counter()
-        plan = view_plan(len(data), view, augment)
-        # flips and reflect-padded shifts only move pixels: uint8 in, the same uint8 values out
-        shown = apply_view(data.images[indices].float(), plan, indices, augment).to(torch.uint8)
+        shown = apply_view(images, view_plan(len(data), view, augment), indices, augment).to(torch.uint8)
         out.append(_log_probs_on_rows(teacher, shown, indices, len(data)))
         print(f"teacher: view {view + 1}/{augment.views} labelled in {time.perf_counter() - t0:.0f} s", flush=True)
     return torch.stack(out)
@@ -95,7 +94,9 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     """teacher_logits(), reused from `folder` when the same teacher already labelled the same data
     (and the same planned views)."""
     from safetensors.torch import load_file, save
-    views = asdict(augment) if augment is not None and augment.views else None
+    # what defines the planned views (nothing else of the augmentation reaches the teacher)
+    views = ({k: getattr(augment, k) for k in ("views", "translate", "flip", "flip_mode")}
+             if augment is not None and augment.views else None)
     path = folder / (TEACHER_FILE if views is None else TEACHER_VIEWS_FILE)
     key = json.dumps({"teacher": teacher_identity(teacher), "data": data.fingerprint,
                       "indices": int(indices.sum()), "n": len(indices), **({"views": views} if views else {})},

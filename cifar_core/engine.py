@@ -356,8 +356,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, rank)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    if cfg.augment.views < 0:
-        raise ValueError(f"augment.views must be >= 0 (0: no planned views), got {cfg.augment.views}")
     if cfg.distill_alpha > 0 and cfg.augment.mix != "none":
         raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
     out_dir = Path(out_dir) if out_dir else None
