@@ -35,7 +35,7 @@ import torch
 from .augment import AugmentConfig, apply_view, view_plan
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
-from .engine import TrainConfig, TrainResult, resolve_device, train
+from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train
 from .ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
@@ -148,6 +148,8 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     # The twin's config has no teacher settings, so one twin serves every alpha/temperature tried.
     cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
                   distill_alpha=0.0, distill_temperature=TrainConfig.distill_temperature)
+    distilled_cfg = replace(cfg, distill_alpha=alpha, distill_temperature=temperature)
+    check_distill_config(distilled_cfg)  # fail now, not after the teacher's passes over the data
     if cfg.augment.views and teacher_tta:
         raise ValueError("with planned views the teacher labels each view as shown: use teacher_tta=0")
     teacher = teacher_ensemble(teacher_root, tta=teacher_tta)
@@ -159,7 +161,6 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
     scratch = finished_run(out_root / f"{student}_scratch", cfg, data) or train(
         cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})
-    distilled = train(replace(cfg, distill_alpha=alpha, distill_temperature=temperature),
-                      out_root / f"{student}_distilled", data,
+    distilled = train(distilled_cfg, out_root / f"{student}_distilled", data,
                       extra_meta={"distillation": {"role": "distilled", **teacher}}, teacher_logits=logits)
     return {"scratch": scratch, "distilled": distilled}

@@ -241,10 +241,21 @@ def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return (1 - cfg.distill_alpha) * hard + cfg.distill_alpha * soft
 
 
+def check_distill_config(cfg: TrainConfig) -> None:
+    """Augmentations a teacher's targets cannot follow; checked before the teacher labels anything."""
+    if cfg.distill_alpha <= 0:
+        return
+    if cfg.augment.mix != "none":
+        raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
+    if cfg.augment.views and cfg.augment.cutout:
+        raise ValueError("distillation over planned views and cutout do not combine: the teacher never saw the squares")
+
+
 def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, train_idx: torch.Tensor,
                          cfg: TrainConfig) -> None:
     """Fixed soft targets are len(data) x C; with planned views (cfg.augment.views = V) they are
     V x len(data) x C, the teacher's targets for each view."""
+    check_distill_config(cfg)
     if cfg.distill_alpha <= 0:
         return
     if teacher_logits is None:
@@ -255,8 +266,6 @@ def check_teacher_logits(teacher_logits: torch.Tensor | None, data: Cifar10, tra
         shape = f"{views} views x {len(data)} images x classes" if views else f"{len(data)} x classes"
         raise ValueError(f"teacher_logits must be {shape} (indexed like data.images), "
                          f"got {tuple(teacher_logits.shape)}")
-    if views and cfg.augment.cutout:
-        raise ValueError("distillation over planned views and cutout do not combine: the teacher never saw the squares")
     if not torch.isfinite(teacher_logits[..., train_idx, :]).all():
         raise ValueError("teacher_logits has no (finite) value for some training images")
 
@@ -356,8 +365,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, rank)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    if cfg.distill_alpha > 0 and cfg.augment.mix != "none":
-        raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
+    check_distill_config(cfg)
     out_dir = Path(out_dir) if out_dir else None
     data = data or load_cifar10(cfg.data)
     split = make_split(data, cfg.split, cfg.split_seed)

@@ -152,3 +152,14 @@ def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
     assert finished_run(tmp_path / "twin", cfg, SimpleNamespace(fingerprint="other")) is None
     assert finished_run(tmp_path / "twin", replace(cfg, lr=1.0), same_data) is None
     assert finished_run(tmp_path / "nothing", cfg, same_data) is None
+
+
+def test_distill_pair_refuses_augmentations_the_teacher_cannot_follow_before_labelling(tmp_path):
+    """The config is checked first: no teacher is loaded (there is none here) and nothing is written."""
+    from types import SimpleNamespace
+    from cifar_core.distill import distill_pair
+    for augment in (AugmentConfig(mix="cutmix"), AugmentConfig(views=2, cutout=8)):
+        with pytest.raises(ValueError, match="do not combine"):
+            distill_pair(SimpleNamespace(), tmp_path / "out", teacher_root=tmp_path / "no_teacher", teacher_tta=0,
+                         base=TrainConfig(augment=augment))
+    assert not (tmp_path / "out").exists()
