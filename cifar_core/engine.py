@@ -20,7 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .augment import AugmentConfig, augment_batch, mix_batch, normalize, resize, to_float, view_plan
+from . import frozen
+from .runtime import keep_freed_memory
+from .augment import (AugmentConfig, augment_batch, flip_choices, mix_batch, normalize, random_translate, resize,
+                      to_float, view_plan)
 from .data import Cifar10, load_cifar10, make_split
 from .ensemble import calibrated_metrics
 from .evaluate import evaluate_predictor, plot_confusion, plot_curves
@@ -60,6 +63,10 @@ class TrainConfig:
     # the whitening stem's bias learns for this fraction of the steps, then freezes: the first
     # conv then needs no input gradient (6-8% cheaper steps for cifar_cnn on this CPU)
     stem_bias_fraction: float = 1.0
+    # fine-tuning from cached frozen stages (cifar_core/frozen.py): the stem and stages 0..freeze
+    # run once per image and view, and only the rest trains; None trains the whole model
+    freeze: int | None = None
+    feature_shift: int = 0            # with freeze: random shift of the cached maps, in feature pixels
     # data
     data: str | None = None
     split: str = "seed"
@@ -362,6 +369,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     when cfg.distill_alpha > 0 (see cifar_core/distill.py)."""
     rank, world = _distributed()
     is_main = rank == 0
+    wall = {"started": time.time()}  # meta.json's wall_time: cache, training, final measurement
+    keep_freed_memory()  # large activations stay in the heap: no page faults per batch (runtime.py)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, rank)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
@@ -378,17 +387,36 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                          input_size=cfg.input_size or None, **cfg.model_kwargs)
     if cfg.stem_bias_fraction < 1:
         check_stem_freezes(model, cfg.model)
+    if cfg.freeze is not None:
+        frozen.check_config(cfg, model)
+        frozen.freeze_model(model, cfg.freeze)
     spec = model.spec
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
 
-    # The whole training set, normalized once, at 32x32, on the training device (augment, then
-    # resize per batch: an upsampled copy of 48k images would not fit in memory at 224 px).
-    x_train = normalize(to_float(data.images[train_idx].to(device)), spec.mean, spec.std)
+    cache = None
+    if cfg.freeze is not None:
+        # The frozen stages' output for every training image and its mirror (+ val), computed once
+        # and reused by every later run with the same key; training then starts after them.
+        cache = frozen.load_or_build(model, cfg.freeze, data, train_idx, split.val, 2 if cfg.augment.flip else 1,
+                                     device, progress=cfg.progress and is_main).to(device)
+        extra_meta = {**(extra_meta or {}), "feature_cache": {
+            "freeze": cfg.freeze, "key": cache.digest, "fields": cache.key, "bytes": cache.nbytes,
+            "shape": cache.info["shape"], "reused": cache.reused, "built_seconds": cache.info["seconds"],
+            "built_on": cache.info["device"]}}
+        wall["cache_s"] = round(cache.seconds, 1)
+        if is_main:
+            print(f"feature cache {cache.path} ({cache.nbytes / 2 ** 30:.2f} GiB fp16, "
+                  f"{'reused' if cache.reused else f'built in {cache.seconds:.0f} s'})", flush=True)
+        x_train = None
+    else:
+        # The whole training set, normalized once, at 32x32, on the training device (augment, then
+        # resize per batch: an upsampled copy of 48k images would not fit in memory at 224 px).
+        x_train = normalize(to_float(data.images[train_idx].to(device)), spec.mean, spec.std)
     y_train = data.labels[train_idx].to(device)
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(device)
-    if hasattr(model, "init_from_data"):
+    if hasattr(model, "init_from_data") and x_train is not None:
         model.init_from_data(x_train[:5000])
 
     optimizer = make_optimizer(model, cfg)
@@ -406,8 +434,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     elif out_dir and is_main:
         (out_dir / "history.jsonl").unlink(missing_ok=True)
 
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    trunk = frozen.Trunk(model, cfg.freeze) if cache is not None else model  # what the optimizer steps through
+    train_model = nn.parallel.DistributedDataParallel(trunk) if world > 1 else trunk
     val_predictor = Predictor(model, spec, tta=0)
+    t_train = time.perf_counter()
 
     for epoch in range(start_epoch, n_epochs):
         model.train()
@@ -423,8 +453,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         for i in range(steps):
             step = first_step + i
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
-            x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed,
-                              plan=plan)
+            if cache is not None:  # the flip is a cached view; shifts move the feature maps
+                flip = flip_choices(len(idx), cfg.augment, gen, train_idx[idx], epoch, cfg.seed)
+                x = random_translate(cache.train_batch(idx, flip, device), cfg.feature_shift, gen)  # feature pixels
+            else:
+                x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed,
+                                  plan=plan)
             y = y_train[idx]
             x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
             size = train_size(step, total_steps, cfg, spec.input_size)
@@ -432,7 +466,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                 model.freeze_stem_bias()
                 if world > 1:  # DDP expects a gradient for every parameter it was built with
                     train_model = nn.parallel.DistributedDataParallel(model)
-            x = resize(x, size).contiguous(memory_format=memory_format)
+            if cache is None:  # cached features are already the frozen part's output
+                x = resize(x, size)
+            x = x.contiguous(memory_format=memory_format)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * lr_factor(step, total_steps, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -463,7 +499,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                   "train_size": size}
         if len(split.val):
             model.eval()
-            val = evaluate_predictor(val_predictor, data.images[split.val], data.labels[split.val])
+            if cache is not None:
+                val = frozen.evaluate_cached(trunk, cache, data.labels[split.val], device)
+            else:
+                val = evaluate_predictor(val_predictor, data.images[split.val], data.labels[split.val])
             record.update(val_loss=val["nll"], val_acc=val["accuracy"])
             if val["accuracy"] >= best_val:
                 best_val = val["accuracy"]
@@ -478,8 +517,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                 _save_resume(out_dir, model, optimizer, lookahead, best_state,
                              {"epoch": epoch, "history": history, "best_val": best_val})
 
+    wall["train_s"] = round(time.perf_counter() - t_train, 1)
     if best_state is not None:
         model.load_state_dict(best_state)
+    extra_meta = {**(extra_meta or {}), "wall_time": wall}
     metrics = finalize(model, cfg, data, split, out_dir if is_main else None, history, extra_meta)
     model.cpu()
     if world > 1:
@@ -491,9 +532,15 @@ def finalize(model, cfg: TrainConfig, data: Cifar10, split, out_dir: Path | None
              extra_meta: dict | None = None) -> dict:
     """Measure the weights exactly as they will be saved, then write the checkpoint and plots."""
     model.eval()
+    t0 = time.perf_counter()
     if cfg.half_weights:
         ckpt.round_trip_fp16(model)
     metrics, temperature = calibrated_metrics(Predictor(model, model.spec, tta=cfg.tta), data, split)
+    wall = (extra_meta or {}).get("wall_time")
+    if wall:  # where the run's time went: feature cache (if any), training, the final measurement
+        wall["final_eval_s"] = round(time.perf_counter() - t0, 1)
+        wall["total_s"] = round(time.time() - wall["started"], 1)
+        wall["peak_rss_gb"] = frozen.peak_rss_gb()
     if out_dir:
         meta = build_meta(model, cfg, data, split, metrics, history, {"temperature": temperature, **(extra_meta or {})})
         ckpt.save_checkpoint(out_dir, model, meta, half=cfg.half_weights)

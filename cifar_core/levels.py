@@ -27,6 +27,16 @@ class Level:
 _TRANSFER = TrainConfig(model="tf_efficientnet_lite0", pretrained=True, input_size=128, epochs=10, batch_size=256,
                         optimizer="sgd", lr=0.05, momentum=0.9, norm_bias_lr_scale=1.0, lookahead=False, tta=0)
 
+# Fine-tuning from cached frozen stages on the CPU (cifar_core/frozen.py): the stem and stages 0-2
+# run once per image and mirror at 192 px, stages 3-6 + head train from the cache with SGD
+# (Nesterov) at batch 64, a short warmup and a cosine decay. benchmarks/transfer_cost.py sweeps
+# freeze point, input size, backbone and budget around it.
+TRANSFER_RECIPE = TrainConfig(model="tf_efficientnet_lite0", pretrained=True, input_size=192, freeze=2, epochs=6,
+                              batch_size=64, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4,
+                              norm_bias_lr_scale=1.0, label_smoothing=0.1, schedule="cosine", warmup_fraction=0.1,
+                              lr_start=0.1, lr_end=0.0, lookahead=False, tta=1,
+                              augment=AugmentConfig(translate=0, flip=True, flip_mode="alternate"))
+
 LEVELS: dict[int, Level] = {
     1: Level(1, "transfer baseline: EfficientNet-Lite0 (ImageNet), basic preprocessing, constant lr, no regularization",
              replace(_TRANSFER, schedule="constant", weight_decay=0.0, label_smoothing=0.0,

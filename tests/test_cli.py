@@ -28,6 +28,9 @@ def run(*args, env_extra=None):
     (["--set", "epochs"], "--set expects KEY=VALUE"),
     (["--pretrained", "pypi"], "invalid choice: 'pypi'"),
     (["--device", "cuda:7", "--epochs", "0.01"], "no CUDA GPU"),
+    (["--freeze", "2"], "freeze needs a model built from a stem and stages"),  # cifar_cnn has none
+    (["--model", "tf_efficientnet_lite0", "--freeze", "9"], "-1 (the stem alone) to 6, got 9"),
+    (["--model", "tf_efficientnet_lite0", "--freeze", "2"], "set augment.translate=0"),
 ])
 def test_bad_flags(args, message):
     r = run(*args)
