@@ -73,20 +73,21 @@ def translate(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> 
     return out
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=gen) < 0.5
-    return torch.where(mask.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-
-
-def flip_choices(n: int, cfg: "AugmentConfig", gen: torch.Generator | None, indices: torch.Tensor, epoch: int,
-                 seed: int) -> torch.Tensor | None:
-    """Which of n images to mirror this epoch (None: no flipping), as augment_batch chooses them.
-    Runs that train from cached views (cifar_core/frozen.py) pick the mirrored view with it."""
+def flip_choices(n: int, cfg: "AugmentConfig", gen: torch.Generator | None, indices: torch.Tensor | None,
+                 epoch: int, seed: int) -> torch.Tensor | None:
+    """Which of n images to mirror this epoch (None: no flipping): alternate when the data set
+    indices are known, else at random. augment_batch flips by it; runs that train from cached
+    views (cifar_core/frozen.py) pick the mirrored view with it."""
     if not cfg.flip:
         return None
-    if cfg.flip_mode == "alternate":
-        return (_hash_indices(indices, seed) + epoch) % 2 == 1
+    if cfg.flip_mode == "alternate" and indices is not None:
+        return _alternate(indices, epoch, seed)
     return torch.rand(n, generator=gen) < 0.5
+
+
+def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flip the images of the batch where mask is True."""
+    return torch.where(mask.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
 
 
 def alternate_flip(x: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
@@ -95,8 +96,11 @@ def alternate_flip(x: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int
     Every image is seen both ways within two epochs instead of by chance, which helps
     short runs (a public-knowledge trick from the CIFAR speed-run literature).
     """
-    parity = flip_choices(len(indices), AugmentConfig(flip_mode="alternate"), None, indices, epoch, seed)
-    return torch.where(parity.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    return mirror(x, _alternate(indices, epoch, seed))
+
+
+def _alternate(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    return (_hash_indices(indices, seed) + epoch) % 2 == 1
 
 
 def _hash_indices(indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -126,11 +130,9 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | No
     if plan is not None:
         x = apply_view(x, plan, indices, cfg)
     else:
-        if cfg.flip:
-            if cfg.flip_mode == "alternate" and indices is not None:
-                x = alternate_flip(x, indices, epoch, seed)
-            else:
-                x = random_flip(x, gen)
+        flip = flip_choices(x.shape[0], cfg, gen, indices, epoch, seed)
+        if flip is not None:
+            x = mirror(x, flip)
         x = random_translate(x, cfg.translate, gen)
     x = cutout(x, cfg.cutout, gen)
     return x
@@ -153,7 +155,7 @@ def view_plan(n_images: int, view: int, cfg: AugmentConfig) -> ViewPlan:
     if not cfg.flip:
         flip = torch.zeros(n_images, dtype=torch.bool)
     elif cfg.flip_mode == "alternate":
-        flip = (_hash_indices(torch.arange(n_images), 0) + view) % 2 == 1
+        flip = _alternate(torch.arange(n_images), view, 0)
     else:
         flip = torch.rand(n_images, generator=g) < 0.5
     return ViewPlan(flip, offsets[0], offsets[1])
@@ -162,7 +164,7 @@ def view_plan(n_images: int, view: int, cfg: AugmentConfig) -> ViewPlan:
 def apply_view(x: torch.Tensor, plan: ViewPlan, indices: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     """Show the batch x (rows = data set rows `indices`) as the plan says: flip, then shift."""
     indices = indices.cpu()
-    x = torch.where(plan.flip[indices].view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    x = mirror(x, plan.flip[indices])
     return translate(x, cfg.translate, plan.dy[indices], plan.dx[indices])
 
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import cache_dir
+from .evaluate import metrics_from_logits
 from .predictor import preprocess
 
 FORMAT = 1
@@ -194,11 +195,11 @@ def _clean_partials(root: Path) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: it does)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -274,9 +275,7 @@ def evaluate_cached(trunk: Trunk, cache: FeatureCache, labels: torch.Tensor, dev
     logits = torch.cat([trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu()
                         for x in cache.val_batches(batch_size, device)])
     trunk.train(was_training)
-    labels = labels.cpu()
-    return {"accuracy": float((logits.argmax(1) == labels).float().mean()),
-            "nll": float(F.cross_entropy(logits, labels))}
+    return metrics_from_logits(logits, labels.cpu())
 
 
 def peak_rss_gb() -> float:
