@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     from cifar_core.data import DataSourceError
     from cifar_core.models.pretrained import PretrainedError
 
+    from cifar_core.runtime import keep_freed_memory
+    keep_freed_memory()  # every command runs large conv batches: no page faults per batch (runtime.py)
     args = parse(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "models": cmd_models,

@@ -11,7 +11,7 @@ turn (the ablation). Three steps:
 
 `run` trains with train.py's engine and records everything in each run's meta.json (where it ran,
 the cache and training wall time). `throughput` times, on this CPU (2 threads, fp32, channels_last),
-the three parts of a cached run: the frozen stages (inference, batch 250), a training step of the
+the three parts of a cached run: the frozen stages (inference, batch 50), a training step of the
 rest (batch 64), and the full model's forward (the final measurement). The table's "CPU min" is the
 measured wall time of runs made on this CPU; for runs made elsewhere (a GPU sweep) it is the CPU time
 those throughputs predict for the same images: cache (train x views + val) / frozen rate + epochs x
@@ -38,8 +38,10 @@ from cifar_core.levels import TRANSFER_RECIPE as RECIPE  # noqa: E402
 L1, L2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
 PLAIN = dict(schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment=AugmentConfig(translate=0, flip=False))
 
-# name -> changes to RECIPE; every name states its input size and budget explicitly, so the runs it
-# recorded stay what their names say when the recipe moves.
+# name -> changes to RECIPE; every name states its input size and budget explicitly, and feature
+# shifts are off unless the name says "shift", so the runs it recorded stay what their names say
+# when the recipe moves.
+PINNED = dict(feature_shift=0)
 CONFIGS: dict[str, dict] = {
     "l0_160_f2_e4": dict(input_size=160, epochs=4),
     "l0_160_f2_e10": dict(input_size=160, epochs=10),
@@ -51,6 +53,7 @@ CONFIGS: dict[str, dict] = {
     "l0_160_f3_e14": dict(input_size=160, freeze=3, epochs=14),
     "l0_160_f4_e16": dict(input_size=160, freeze=4, epochs=16),
     "l0_192_f2_e6": dict(input_size=192, epochs=6),
+    "l0_192_f2_e7_shift1": dict(input_size=192, epochs=7, feature_shift=1),
     "l0_224_f3_e6": dict(input_size=224, freeze=3, epochs=6),
     "l1_192_f2_e5": dict(model=L1, input_size=192, epochs=5),
     "l2_224_f2_e4": dict(model=L2, input_size=224, epochs=4),
@@ -66,7 +69,7 @@ CONFIGS: dict[str, dict] = {
 def config(name: str) -> TrainConfig:
     if name not in CONFIGS:
         raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-    return replace(RECIPE, **CONFIGS[name])
+    return replace(RECIPE, **{**PINNED, **CONFIGS[name]})
 
 
 def cmd_run(args) -> None:
@@ -185,11 +188,11 @@ def cmd_table(args) -> None:
         else:
             minutes = "-"
         rows.append({"run": meta_path.parent.name, "model": cfg.model.replace("tf_efficientnet_", ""),
-                     "px": cfg.input_size, "freeze": cfg.freeze, "epochs": f"{cfg.epochs:g}",
+                     "px": cfg.input_size, "freeze": cfg.freeze, "shift": cfg.feature_shift, "epochs": f"{cfg.epochs:g}",
                      "val acc %": f"{100 * meta['metrics']['val']['accuracy']:.2f}",
                      "test acc %": f"{100 * meta['metrics']['test']['accuracy']:.2f}",
                      "tta": cfg.tta, "CPU min": minutes, "ran on": meta["hardware"]["name"]})
-    columns = ["run", "model", "px", "freeze", "epochs", "val acc %", "test acc %", "tta", "CPU min", "ran on"]
+    columns = ["run", "model", "px", "freeze", "shift", "epochs", "val acc %", "test acc %", "tta", "CPU min", "ran on"]
     print(format_table(rows, columns) if rows else f"no runs under {runs}")
 
 

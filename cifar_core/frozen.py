@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .data import cache_dir
 from .evaluate import metrics_from_logits
-from .predictor import preprocess
+from .predictor import batch_for, preprocess
 
 FORMAT = 1
 VIEWS = ("identity", "flip")
@@ -216,7 +216,7 @@ def _compute(part: nn.Module, images_u8: torch.Tensor, spec, flip: bool, out: np
 
 
 def load_or_build(model: nn.Module, freeze: int, data, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                  views: int, device: torch.device, root: Path | None = None, batch_size: int = 250,
+                  views: int, device: torch.device, root: Path | None = None, batch_size: int | None = None,
                   progress: bool = True) -> FeatureCache:
     """The cache for this model, freeze point, images and views: read if it exists, else built."""
     root = Path(root) if root else cache_dir() / "features"
@@ -233,6 +233,7 @@ def load_or_build(model: nn.Module, freeze: int, data, train_idx: torch.Tensor, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         part = frozen_part(model, freeze).eval()
+        batch_size = batch_size or batch_for(model.spec.input_size)
         with torch.inference_mode():
             probe = part(preprocess(data.images[:1].to(device), model.spec).contiguous(memory_format=torch.channels_last))
         shape = tuple(probe.shape[1:])

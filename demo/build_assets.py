@@ -24,6 +24,7 @@ from PIL import Image
 from cifar_core.checkpoint import now_iso
 from cifar_core.data import CLASSES, load_cifar10, make_split
 from cifar_core.evaluate import metrics_from_logits
+from cifar_core.runtime import keep_freed_memory
 
 from .service import ASSETS_DIR, Lab
 
@@ -82,6 +83,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoints", help="checkpoints root (default $CIFAR_CHECKPOINTS or checkpoints/)")
     p.add_argument("--out", default=str(ASSETS_DIR))
     args = p.parse_args(argv)
+    keep_freed_memory()  # large inference batches without per-batch page faults (cifar_core/runtime.py)
 
     lab = Lab(args.checkpoints)
     splits = {(m.meta["split"]["name"], m.meta["split"]["seed"]) for m in lab.members}

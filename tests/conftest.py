@@ -9,6 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cifar_core.runtime import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
+
 
 def _data_dir():
     path = os.environ.get("CIFAR10_DIR")

@@ -12,7 +12,7 @@ from cifar_core.checkpoint import load_checkpoint
 from cifar_core.data import make_split
 from cifar_core.engine import TrainConfig, train
 from cifar_core.models import create_model, list_models
-from cifar_core.predictor import Predictor, preprocess
+from cifar_core.predictor import Predictor, batch_for, preprocess
 
 FREEZABLE = [n for n in list_models() if n.startswith("tf_efficientnet_lite")]
 
@@ -26,6 +26,18 @@ def test_trunk_after_frozen_part_is_the_whole_model(name):
         whole = model(x)
         for k in range(-1, len(model.blocks)):
             assert torch.allclose(frozen.Trunk(model, k)(frozen.frozen_part(model, k)(x)), whole, atol=1e-5), k
+
+
+def test_inference_batches_shrink_with_input_size_and_leave_results_unchanged():
+    # Large batches at 192-224 px ran the frozen stages 3x slower on the CPU (runtime.py): the cache
+    # build and Predictor size their batches by input pixels instead of a fixed count.
+    assert (batch_for(32), batch_for(192), batch_for(224), batch_for(100_000)) == (500, 56, 41, 1)
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0", input_size=96).eval()
+    assert Predictor(model).batch_size == batch_for(96) == 227
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    whole, batched = Predictor(model, batch_size=5).logits(images, tta=1), Predictor(model, batch_size=2).logits(images, tta=1)
+    assert torch.allclose(whole, batched, atol=1e-4)
 
 
 def test_freeze_points_and_models_that_cannot_freeze():
@@ -167,6 +179,7 @@ def test_every_swept_configuration_is_a_valid_cached_run():
         cfg = bench.config(name)
         model = models.setdefault(cfg.model, create_model(cfg.model))
         frozen.check_config(cfg, model)
+        assert ("shift" in name) == (cfg.feature_shift > 0), name  # recorded runs keep their meaning
     meta = {"train_config": bench.config("l0_192_f2_e6").to_dict(),
             "split": {"sizes": {"train": 48000, "val": 6000, "test": 6000}}}
     rates = {"frozen_img_s": 100.0, "train_img_s": 50.0, "forward_img_s": 200.0}
