@@ -76,15 +76,15 @@ def tree(tmp_path):
         "ab_nosmooth": write_meta(runs / "ablation" / "no_smoothing",
                                   variant(base, "tf_efficientnet_lite0", 0.9455, 0.9477, 3_384_706, 95.0)),
     }
-    # Two variants at a short budget: the full Level 2 recipe and one without CutMix (compared with each
+    # Two variants at a short budget: the full Level 2 recipe and one without the flip (compared with each
     # other); no_smoothing keeps the 10-epoch budget of the Level 2 checkpoint (compared with it).
     from cifar_core.levels import LEVELS
-    for key, folder, acc in (("ab_full", "full", 0.9301), ("ab_nocutmix", "no_cutmix", 0.9211)):
+    for key, folder, acc in (("ab_full", "full", 0.9301), ("ab_noflip", "no_flip", 0.9211)):
         meta = variant(base, "tf_efficientnet_lite0", acc - 0.001, acc, 3_384_706, 20.0)
         meta["train_config"] = {**LEVELS[2].config.to_dict(), "epochs": 2, "data": "elsewhere"}
         metas[key] = write_meta(runs / "ablation" / folder, meta)
-    metas["ab_nocutmix"]["train_config"]["augment"]["mix"] = "none"
-    write_meta(runs / "ablation" / "no_cutmix", metas["ab_nocutmix"])
+    metas["ab_noflip"]["train_config"]["augment"]["flip"] = False
+    write_meta(runs / "ablation" / "no_flip", metas["ab_noflip"])
     for role, folder, acc in (("distilled", "cifar_cnn_small_distilled", 0.8701),
                               ("from-scratch twin", "cifar_cnn_small_scratch", 0.8602)):
         metas[role] = write_meta(runs / "distill" / folder, variant(
@@ -145,11 +145,11 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     l1, l2 = metas["l1"]["metrics"]["test"]["accuracy"], metas["l2"]["metrics"]["test"]["accuracy"]
     assert f"test accuracy {pct(l1)} -> {pct(l2)} ({100 * (l2 - l1):+.2f} pp)" in text
     ablation = {r[0]: r for r in table_rows(text, "| Variant |")}
-    val = {k: metas[k]["metrics"]["val"]["accuracy"] for k in ("ab_full", "ab_nocutmix", "ab_nosmooth", "l2")}
-    assert ablation["no_cutmix"][3] == pct(val["ab_nocutmix"])
-    assert ablation["no_cutmix"][1] == 'augment.mix="none", epochs=2'
+    val = {k: metas[k]["metrics"]["val"]["accuracy"] for k in ("ab_full", "ab_noflip", "ab_nosmooth", "l2")}
+    assert ablation["no_flip"][3] == pct(val["ab_noflip"])
+    assert ablation["no_flip"][1] == 'augment.flip=false, epochs=2'
     assert ablation["full"][1] == "epochs=2"
-    assert ablation["no_cutmix"][4] == f"{100 * (val['ab_nocutmix'] - val['ab_full']):+.2f} pp vs `full`"
+    assert ablation["no_flip"][4] == f"{100 * (val['ab_noflip'] - val['ab_full']):+.2f} pp vs `full`"
     assert ablation["no_smoothing"][3] == pct(val["ab_nosmooth"])
     assert ablation["no_smoothing"][4] == f"{100 * (val['ab_nosmooth'] - val['l2']):+.2f} pp vs `tf_efficientnet_lite0`"
     ens_rows = {r[0]: r for r in table_rows(text, "| Member | Weight |")}
