@@ -9,7 +9,6 @@ channels_last, fp32, 2 threads) and prints images/s and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ def cell(batch: int, keep: bool, size: int, images: int) -> None:
     from cifar_core import frozen
     from cifar_core.models import create_model
     from cifar_core.predictor import preprocess
-    from cifar_core.runtime import keep_freed_memory
+    from cifar_core.runtime import keep_freed_memory, peak_rss_gb
     if keep:
         keep_freed_memory()
     model = create_model("tf_efficientnet_lite0", input_size=size).to(memory_format=torch.channels_last)
@@ -36,8 +35,7 @@ def cell(batch: int, keep: bool, size: int, images: int) -> None:
             x = preprocess(data[start:start + batch], model.spec).contiguous(memory_format=torch.channels_last)
             part(x).half().numpy()
         seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"| {batch} | {'kept' if keep else 'returned'} | {images / seconds:.1f} | {rss:.2f} |", flush=True)
+    print(f"| {batch} | {'kept' if keep else 'returned'} | {images / seconds:.1f} | {peak_rss_gb():.2f} |", flush=True)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import frozen
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, peak_rss_gb
 from .augment import (AugmentConfig, augment_batch, flip_choices, mix_batch, normalize, random_translate, resize,
                       to_float, view_plan)
 from .data import Cifar10, load_cifar10, make_split
@@ -540,7 +540,7 @@ def finalize(model, cfg: TrainConfig, data: Cifar10, split, out_dir: Path | None
     if wall:  # where the run's time went: feature cache (if any), training, the final measurement
         wall["final_eval_s"] = round(time.perf_counter() - t0, 1)
         wall["total_s"] = round(time.time() - wall["started"], 1)
-        wall["peak_rss_gb"] = frozen.peak_rss_gb()
+        wall["peak_rss_gb"] = peak_rss_gb()
     if out_dir:
         meta = build_meta(model, cfg, data, split, metrics, history, {"temperature": temperature, **(extra_meta or {})})
         ckpt.save_checkpoint(out_dir, model, meta, half=cfg.half_weights)

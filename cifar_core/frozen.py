@@ -277,9 +277,3 @@ def evaluate_cached(trunk: Trunk, cache: FeatureCache, labels: torch.Tensor, dev
                         for x in cache.val_batches(batch_size, device)])
     trunk.train(was_training)
     return metrics_from_logits(logits, labels.cpu())
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory (Linux reports KiB), mapped cache pages included."""
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)

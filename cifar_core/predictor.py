@@ -21,9 +21,9 @@ _MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.
 _LOCKS_GUARD = threading.Lock()
 
 
-# Inference batches hold about this many input pixels. Batches of a few million pixels stay in the
-# CPU caches' reach; at 192 px, batch 250 ran the EfficientNet-Lite0 stem at 88 img/s and batch 50 at
-# 261 (this 2-core CPU, mostly page faults and memory traffic of the large early activations).
+# Inference batches hold about this many input pixels: a few million keep the large early activations
+# within the CPU caches' reach. At 192 px, EfficientNet-Lite0's stem + stages 0-2 ran at 130 img/s in
+# batches of 250 and 273 in batches of 56 on this 2-core CPU (benchmarks/inference_batch.py).
 BATCH_PIXELS = 2 ** 21
 
 

@@ -30,3 +30,9 @@ def keep_freed_memory() -> bool:
         return False
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
     return _done
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB (Linux reports KiB), memory-mapped file pages included."""
+    import resource  # Unix only: imported here so that the rest of this module loads anywhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
