@@ -180,8 +180,32 @@ def test_every_swept_configuration_is_a_valid_cached_run():
         model = models.setdefault(cfg.model, create_model(cfg.model))
         frozen.check_config(cfg, model)
         assert ("shift" in name) == (cfg.feature_shift > 0), name  # recorded runs keep their meaning
+        assert ("_dp" in name) == bool(cfg.model_kwargs.get("drop_path_rate")), name
     meta = {"train_config": bench.config("l0_192_f2_e6").to_dict(),
             "split": {"sizes": {"train": 48000, "val": 6000, "test": 6000}}}
     rates = {"frozen_img_s": 100.0, "train_img_s": 50.0, "forward_img_s": 200.0}
     # (2 x 48000 + 6000) / 100 + 6 x 48000 / 50 + 12000 x 2 / 200 seconds
     assert bench.estimate_cpu_minutes(meta, rates) == pytest.approx((1020 + 5760 + 120) / 60)
+
+
+def test_cost_table_counts_a_reused_cache_at_its_build_time(tmp_path, capsys):
+    """A CPU run that found its feature cache built is not cheaper for it: the table adds the build."""
+    import importlib.util
+    import json
+    from types import SimpleNamespace
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("transfer_cost", ROOT / "benchmarks" / "transfer_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, cache in (("built", {"reused": False, "built_seconds": 600.0}),
+                        ("reused", {"reused": True, "built_seconds": 600.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({
+            "train_config": bench.config("l0_192_f2_e8_shift2_dp02").to_dict(),
+            "hardware": {"device": "cpu", "name": "x86_64"}, "feature_cache": cache,
+            "wall_time": {"total_s": 3000.0 + (600.0 if not cache["reused"] else 0.0)},
+            "metrics": {"val": {"accuracy": 0.94}, "test": {"accuracy": 0.9398}}}))
+    bench.cmd_table(SimpleNamespace(runs=str(tmp_path)))
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "| 60.0 |" in rows["built"] and "| 60.0 (cache reused) |" in rows["reused"]
+    assert "| 0.2 |" in rows["reused"]  # the drop-path column
