@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from demo.testing import free_port
 
-from demo.testing import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 WARM_UP_PAUSE_S = 10

@@ -26,15 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import (DEFAULT_ROOT, Ensemble, EnsembleError, fit_weights, load_zoo,  # noqa: E402
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import (DEFAULT_ROOT, Ensemble, EnsembleError, fit_weights, load_zoo,
                                  member_log_probs, mixture_log_probs, shared_split)
-from cifar_core.evaluate import expected_calibration_error, format_table  # noqa: E402
+from cifar_core.evaluate import expected_calibration_error, format_table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TTA_NAMES = {0: "none", 1: "flip", 2: "flip + 1-px shifts"}
 

@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member  # noqa: E402
-from cifar_core.explain import METHODS  # noqa: E402
-from cifar_core.explain_metrics import faithfulness, paired_t  # noqa: E402
-from cifar_core.models.registry import resolve_module  # noqa: E402
-from cifar_core.predictor import preprocess  # noqa: E402
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member
+from cifar_core.explain import METHODS
+from cifar_core.explain_metrics import faithfulness, paired_t
+from cifar_core.models.registry import resolve_module
+from cifar_core.predictor import preprocess
 
 
 def cam_grid(predictor) -> int:

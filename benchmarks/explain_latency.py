@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member  # noqa: E402
-from cifar_core.explain import METHODS, explain  # noqa: E402
-from cifar_core.models import create_model, list_models  # noqa: E402
-from cifar_core.predictor import Predictor  # noqa: E402
+from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member
+from cifar_core.explain import METHODS, explain
+from cifar_core.models import create_model, list_models
+from cifar_core.predictor import Predictor
 
 
 def time_one(predictor, image, method, repeats, budget_s):

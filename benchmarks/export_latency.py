@@ -20,18 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from cifar_core.checkpoint import WEIGHTS, load_checkpoint  # noqa: E402
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import DEFAULT_ROOT, Ensemble, find_checkpoints, load_member  # noqa: E402
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.export import (DEFAULT_EXPORTS, FP32_FILE, INT8_FILE, OnnxClassifier,  # noqa: E402
+from cifar_core.checkpoint import WEIGHTS, load_checkpoint
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import DEFAULT_ROOT, Ensemble, find_checkpoints, load_member
+from cifar_core.evaluate import format_table
+from cifar_core.export import (DEFAULT_EXPORTS, FP32_FILE, INT8_FILE, OnnxClassifier,
                                calibration_images, export_checkpoint, fx_quantize, is_current)
-from cifar_core.predictor import Predictor, preprocess  # noqa: E402
+from cifar_core.predictor import Predictor, preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def interleaved_median_ms(models: list, x: torch.Tensor, repeats: int, warmup: int = 5) -> list[dict]:

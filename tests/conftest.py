@@ -1,15 +1,13 @@
 """Shared fixtures. Real-data tests read CIFAR10_DIR; outside CI they skip when it is absent,
 in CI (CI=true) a missing data folder is a failure, not a skip."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from cifar_core.runtime import keep_freed_memory
 
-from cifar_core.runtime import keep_freed_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
 
