@@ -18,7 +18,8 @@ import torch
 
 
 from cifar_core.data import load_cifar10, make_split
-from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member
+from cifar_core.ensemble import find_checkpoints, load_member
+from cifar_core.paths import checkpoints_dir
 from cifar_core.explain import METHODS
 from cifar_core.explain_metrics import faithfulness, paired_t
 from cifar_core.models.registry import resolve_module
@@ -44,7 +45,7 @@ def cam_grid(predictor) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: $CIFAR10_DIR)")
-    ap.add_argument("--checkpoints", default=str(DEFAULT_ROOT))
+    ap.add_argument("--checkpoints", default=str(checkpoints_dir()))
     ap.add_argument("--n", type=int, default=300, help="test images (the first n of the seed split's test set)")
     ap.add_argument("--scorecam-n", type=int, default=None, help="fewer images for ScoreCAM (default: --n)")
     ap.add_argument("--methods", default=",".join(METHODS))

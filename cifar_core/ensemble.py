@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .checkpoint import META, CheckpointError, atomic_write_json, code_version, load_checkpoint, now_iso
 from .predictor import Predictor
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 FIT_FILE = "ensemble.json"  # beside the checkpoint folders; find_checkpoints() only picks folders
 FIT_FORMAT = 1
 
@@ -44,8 +44,9 @@ class Member:
     predictor: Predictor
 
 
-def find_checkpoints(root: str | Path = DEFAULT_ROOT) -> list[Path]:
-    root = Path(root)
+def find_checkpoints(root: str | Path | None = None) -> list[Path]:
+    """The checkpoint folders under `root` (default: paths.checkpoints_dir())."""
+    root = paths.checkpoints_dir(root)
     return sorted(p for p in root.iterdir() if (p / META).exists()) if root.is_dir() else []
 
 
@@ -56,7 +57,7 @@ def load_member(path: str | Path, tta: int | None = None) -> Member:
     return Member(Path(path).name, Path(path), meta, predictor)
 
 
-def load_zoo(root: str | Path = DEFAULT_ROOT, tta: int | None = None) -> list[Member]:
+def load_zoo(root: str | Path | None = None, tta: int | None = None) -> list[Member]:
     """Every loadable checkpoint under `root`; broken ones are skipped with a warning naming them."""
     members = []
     for path in find_checkpoints(root):
@@ -93,7 +94,7 @@ class Ensemble:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         path = Path(path) if path is not None else (Path(members[0].path).parent / FIT_FILE
-                                                    if members[0].path else DEFAULT_ROOT / FIT_FILE)
+                                                    if members[0].path else paths.checkpoints_dir() / FIT_FILE)
         try:
             record = read_fit(path)
         except EnsembleError as e:

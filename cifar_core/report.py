@@ -18,12 +18,12 @@ the same inputs give byte-identical files.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .checkpoint import atomic_write_bytes
 from .data import CLASSES
 from .evaluate import _save_figure, format_table
@@ -123,8 +123,8 @@ def level_of(path: Path, meta: dict, checkpoints: Path, runs: Path, levels=None)
     return (same_root or same_model)[0]
 
 
-def collect(checkpoints: str | Path = "checkpoints", runs: str | Path = "runs") -> Sources:
-    checkpoints, runs = Path(checkpoints), Path(runs)
+def collect(checkpoints: str | Path | None = None, runs: str | Path = "runs") -> Sources:
+    checkpoints, runs = paths.checkpoints_dir(checkpoints), Path(runs)
     src = Sources()
 
     def add(meta_path: Path, kind: str, name: str) -> None:
@@ -362,27 +362,13 @@ def plot_cam_grid(images, labels, rows: list[tuple[str, list[tuple[np.ndarray, i
 # ---------------------------------------------------------------------------------------------
 
 def load_data(data: str | None, metas: list[dict]):
-    """(Cifar10, None) or (None, reason): --data, else $CIFAR10_DIR, else where the checkpoints were trained from."""
-    from .data import DataSourceError, load_cifar10
-    if data or os.environ.get("CIFAR10_DIR"):
-        candidates = [data]
-    else:
-        candidates = []
-        for meta in metas:
-            trained_from = (meta.get("train_config") or {}).get("data")
-            source = (meta.get("data") or {}).get("source", "")
-            for c in (trained_from, source.partition(":")[2] or None):
-                if c and c not in candidates:
-                    candidates.append(c)
-        if not candidates:
-            candidates = [None]  # load_cifar10's own message says what to pass
-    errors = []
-    for c in candidates:
-        try:
-            return load_cifar10(c), None
-        except (DataSourceError, OSError) as e:
-            errors.append(str(e).splitlines()[0])
-    return None, "; ".join(dict.fromkeys(errors))
+    """(Cifar10, None) or (None, reason): the data as every checkpoint command finds it
+    (data.load_cifar10_for: --data, $CIFAR10_DIR, where the checkpoints were trained from, the default)."""
+    from .data import DataSourceError, load_cifar10_for
+    try:
+        return load_cifar10_for(data, metas), None
+    except (DataSourceError, OSError) as e:
+        return None, str(e).splitlines()[0]
 
 
 def sample_positions(n_test: int, count: int = SAMPLE_COUNT) -> np.ndarray:
@@ -798,7 +784,7 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None)
                 figs.link(path, "Grad-CAM examples"))
 
 
-def build_report(out: str | Path = "results", checkpoints: str | Path = "checkpoints", runs: str | Path = "runs",
+def build_report(out: str | Path = "results", checkpoints: str | Path | None = None, runs: str | Path = "runs",
                  data: str | None = None) -> Path:
     """Write out/REPORT.md and out/figures/*.png; returns the REPORT.md path."""
     out = Path(out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -20,17 +19,13 @@ import numpy as np
 import torch
 
 from cifar_core.data import CLASSES
-from cifar_core.edge import NO_GRADCAM, EdgeModel, exports_root, load_edge_models, smallest
-from cifar_core.ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
+from cifar_core import paths
+from cifar_core.edge import NO_GRADCAM, EdgeModel, load_edge_models, smallest
+from cifar_core.ensemble import FIT_FILE, Ensemble, load_zoo
 from cifar_core.images import decode_for_model
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 ENSEMBLE = "ensemble"
-
-
-def checkpoints_root() -> Path:
-    """$CIFAR_CHECKPOINTS, else the repo's checkpoints/ (new folders there join without code changes)."""
-    return Path(os.environ.get("CIFAR_CHECKPOINTS") or DEFAULT_ROOT)
 
 
 class LRU:
@@ -99,8 +94,10 @@ class Lab:
 
     def __init__(self, root: str | Path | None = None, assets_dir: str | Path = ASSETS_DIR,
                  exports: str | Path | None = None):
-        self.root = Path(root) if root else checkpoints_root()
-        self.exports_root = Path(exports) if exports else exports_root()
+        # --checkpoints/--exports, else $CIFAR_CHECKPOINTS/$CIFAR_EXPORTS, else the repo's folders
+        # (new checkpoint folders there join without code changes)
+        self.root = paths.checkpoints_dir(root)
+        self.exports_root = paths.exports_dir(exports)
         self.members = load_zoo(self.root)
         if not self.members:
             raise SystemExit(f"no loadable checkpoints under {self.root}: train one (python train.py --level 3 "

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cifar_core import paths
 from cifar_core.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,11 +14,8 @@ keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster
 
 
 def _data_dir():
-    path = os.environ.get("CIFAR10_DIR")
-    if path and Path(path).is_dir():
-        return path
-    default = ROOT.parent / "shared" / "data" / "cifar10"
-    return str(default) if default.is_dir() else None
+    folder, _ = paths.data_source()  # $CIFAR10_DIR, else ../shared/data/cifar10 (as every command finds it)
+    return folder if folder and Path(folder).is_dir() else None
 
 
 @pytest.fixture(scope="session")
