@@ -110,7 +110,7 @@ def main() -> None:
         client.predict(handle_file(str(sorted((ROOT / "demo" / "examples").glob("cifar_*"))[0])),
                        api_name="/predict")
         first = time.perf_counter() - t1
-        from demo.service import Lab  # the model names, to explain them all
+        from cifar_core.serving import Lab  # the model names, to explain them all
         names = [m.name for m in Lab(args.checkpoints).members]
         # Not measured: one call per endpoint (loads Grad-CAM's imports if the app's background
         # warm-up has not yet), then a pause for that warm-up to finish its example images.

@@ -5,7 +5,7 @@
 
 They are listed and predicted like zoo members but stay out of the ensemble (they approximate
 members already in it) and have no Grad-CAM (onnxruntime gives no gradients). The demo
-(demo/service.py) and the REST API (api/service.py) both serve them from here.
+(cifar_core/serving.py) and the REST API (api/service.py) both serve them from here.
 """
 from __future__ import annotations
 

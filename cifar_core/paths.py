@@ -22,6 +22,7 @@ DATA_ENV, CHECKPOINTS_ENV, EXPORTS_ENV = "CIFAR10_DIR", "CIFAR_CHECKPOINTS", "CI
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"   # the team's layout: shared/ beside the clone
 DEFAULT_CHECKPOINTS = REPO / "checkpoints"
 DEFAULT_EXPORTS = REPO / "exports"
+DEFAULT_ASSETS = REPO / "demo" / "assets"             # built by python -m demo.build_assets
 
 
 def checkpoints_dir(flag: str | Path | None = None) -> Path:

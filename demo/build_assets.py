@@ -26,7 +26,7 @@ from cifar_core.data import CLASSES, load_cifar10, make_split
 from cifar_core.evaluate import metrics_from_logits
 from cifar_core.runtime import keep_freed_memory
 
-from .service import ASSETS_DIR, Lab
+from cifar_core.serving import ASSETS_DIR, Lab
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # Photos from scikit-image's bundled data: (function, file stem, longest side). chelsea is a cat

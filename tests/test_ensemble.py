@@ -210,7 +210,7 @@ def test_level4_fits_the_ensemble_after_training(level, fits, monkeypatch, tmp_p
 
 
 def test_demo_lab_uses_the_fitted_weights(zoo_root, tmp_path):
-    from demo.service import Lab
+    from cifar_core.serving import Lab
     members = load_zoo(zoo_root)
     write_fit({"format": 1, "temperature": 1.0, "members": [
         {"name": m.name, "saved_at": m.meta["saved_at"], "weight": w, "tta": 0}

@@ -50,3 +50,32 @@ def test_console_script():
     assert exe, f"no cifar-train next to {sys.executable}: {INSTALL_HINT}"
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--level" in r.stdout, r.stderr[-2000:]
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of everything `path` imports (absolute imports; relative ones stay inside)."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+# who may import whom: cifar_core at the bottom; the entry points above it, never sideways
+# (the one exception: api/app.py mounts the demo's Gradio app under /demo)
+ALLOWED_SIDEWAYS = {("api/app.py", "demo")}
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("cifar_core", {"demo", "api", "train", "benchmarks", "tests"}),
+    ("demo", {"api", "train", "benchmarks"}),
+    ("api", {"demo", "train", "benchmarks"}),
+])
+def test_imports_read_top_down(package, forbidden):
+    bad = [(str(p.relative_to(ROOT)), name) for p in sorted((ROOT / package).rglob("*.py"))
+           for name in imported_packages(p) & forbidden
+           if (str(p.relative_to(ROOT)), name) not in ALLOWED_SIDEWAYS]
+    assert not bad, f"{package} imports sideways or upwards: {bad}"
