@@ -178,7 +178,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cmd_train(args, parser) -> int:
-    from cifar_core.engine import TrainConfig, resolve_device, train
+    from cifar_core.engine import TrainConfig, apply_settings, resolve_device, train
     from cifar_core.levels import get_level
 
     base, out = TrainConfig(), None
@@ -229,47 +229,6 @@ def cmd_train(args, parser) -> int:
     if args.level == 4:  # level 4 = the ensemble's last member, then the fit over the zoo it joined
         return run_ensemble_fit(root=out.parent, data=cfg.data, device=cfg.device, command=command)
     return 0
-
-
-def apply_settings(cfg, settings: list[str]):
-    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8).
-
-    Values are JSON (a bare word is a string) and must have the field's declared type."""
-    import json
-    from cifar_core.augment import AugmentConfig
-    from cifar_core.engine import TrainConfig
-    d = cfg.to_dict()
-    for item in settings:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text  # a bare word is a string: --set schedule=cosine
-        *parents, leaf = key.split(".")
-        node, owner = d, TrainConfig
-        for part in parents:
-            if part != "augment":
-                raise ValueError(f"--set {key}: {part!r} is not a nested config (only augment.* is)")
-            node, owner = node[part], AugmentConfig
-        if leaf not in node:
-            raise ValueError(f"--set {key}: unknown field {leaf!r}; known: {', '.join(sorted(node))}")
-        declared = str(owner.__dataclass_fields__[leaf].type)
-        if not _has_type(value, {t.strip() for t in declared.split("|")}):
-            raise ValueError(f"--set {key}={text}: expected {declared}, got {type(value).__name__}")
-        node[leaf] = value
-    return TrainConfig.from_dict(d)
-
-
-def _has_type(value, allowed: set[str]) -> bool:
-    if value is None:
-        return "None" in allowed
-    if isinstance(value, bool):
-        return "bool" in allowed
-    if isinstance(value, int):
-        return bool({"int", "float"} & allowed)
-    return type(value).__name__ in allowed
 
 
 def cmd_evaluate(args, parser) -> int:
@@ -344,30 +303,28 @@ def cmd_models(args, parser) -> int:
 
 
 def cmd_export(args, parser) -> int:
-    from cifar_core.checkpoint import load_checkpoint
-    from cifar_core.data import load_cifar10, make_split
+    from cifar_core.data import load_cifar10
     from cifar_core.ensemble import find_checkpoints
-    from cifar_core.export import calibration_images, export_checkpoint
-    from cifar_core.paths import checkpoints_dir, exports_dir
+    from cifar_core.export import export_folders
+    from cifar_core.paths import checkpoints_dir
 
     folders = [Path(c) for c in args.checkpoints] or find_checkpoints()
     if not folders:
         parser.error(f"no checkpoints given and none under {checkpoints_dir()}")
-    data = load_cifar10(args.data)
-    for folder in folders:
-        model, meta = load_checkpoint(folder)
-        split = make_split(data, args.split or meta["split"]["name"],
-                           meta["split"]["seed"] if args.split_seed is None else args.split_seed)
-        files = export_checkpoint(model, meta, folder.name, exports_dir(args.exports) / folder.name,
-                                  calibration_images(data, split, args.calibration_images))
-        print(f"{folder}: " + ", ".join(f"{k} {p} ({p.stat().st_size / 2**20:.2f} MB)" for k, p in files.items()))
+    report_exports(export_folders(folders, load_cifar10(args.data), args.exports, args.split, args.split_seed,
+                                  args.calibration_images))
     return 0
+
+
+def report_exports(exported) -> None:
+    for folder, files in exported:
+        print(f"{folder}: " + ", ".join(f"{k} {p} ({p.stat().st_size / 2**20:.2f} MB)" for k, p in files.items()))
 
 
 def cmd_distill(args, parser) -> int:
     from cifar_core.data import load_cifar10
     from cifar_core.distill import distill_pair
-    from cifar_core.engine import TrainConfig
+    from cifar_core.engine import TrainConfig, apply_settings
 
     if not 0 < args.alpha <= 1:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
@@ -430,22 +387,24 @@ def cmd_report(args, parser) -> int:
 
 
 def run_level5(cfg, out: Path, parser) -> int:
-    """Distill (student + twin), export shipped models and the students, then the benchmark tables."""
+    """Distill (student + twin), export shipped models and the students, then the benchmark tables
+    (benchmarks/export_latency.py, run as its own program: benchmarks time things in a fresh process)."""
     import subprocess
     from cifar_core.data import load_cifar10
     from cifar_core.distill import distill_pair
     from cifar_core.ensemble import find_checkpoints
+    from cifar_core.export import export_folders
 
     if not find_checkpoints():
         parser.error("level 5 distills the shipped ensemble: train it first (python train.py --level 3)")
-    results = distill_pair(load_cifar10(cfg.data), out, cfg.model, cfg.epochs, cfg.seed, cfg.distill_alpha,
+    data = load_cifar10(cfg.data)
+    results = distill_pair(data, out, cfg.model, cfg.epochs, cfg.seed, cfg.distill_alpha,
                            cfg.distill_temperature, base=cfg, progress=cfg.progress)
     students = [str(r.out_dir) for r in (results["scratch"], results["distilled"])]
-    data = ["--data", cfg.data] if cfg.data else []
-    subprocess.run([sys.executable, "train.py", "export", *map(str, find_checkpoints()), *students, *data],
-                   check=True)
+    report_exports(export_folders([*find_checkpoints(), *students], data))
+    data_flag = ["--data", cfg.data] if cfg.data else []
     bench = Path(__file__).resolve().parent / "benchmarks" / "export_latency.py"
-    return subprocess.run([sys.executable, str(bench), "--students", *students, *data]).returncode
+    return subprocess.run([sys.executable, str(bench), "--students", *students, *data_flag]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.testing import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
 WARM_UP_PAUSE_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -52,13 +52,12 @@ import torch
 import torch.nn.functional as F
 
 from cifar_core.data import load_cifar10, make_split
-from cifar_core.engine import (TrainConfig, check_stem_freezes, resolve_device, step_counts,
+from cifar_core.engine import (TrainConfig, apply_settings, check_stem_freezes, resolve_device, step_counts,
                                stem_bias_trains, train, train_size)
 from cifar_core.evaluate import format_table
 from cifar_core.levels import LEVELS
 from cifar_core.models import create_model
 from cifar_core.predictor import Predictor
-from train import apply_settings  # (the CLI's --set KEY=VALUE parser, dotted keys included)
 
 ROOT = Path(__file__).resolve().parent.parent
 
