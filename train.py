@@ -227,7 +227,7 @@ def cmd_train(args, parser) -> int:
     if test:
         print(f"\n{cfg.model}: test accuracy {test['accuracy']:.4f} (tta={cfg.tta}), checkpoint in {out}")
     if args.level == 4:  # level 4 = the ensemble's last member, then the fit over the zoo it joined
-        return run_ensemble_fit(root=out.parent, data=cfg.data, device=cfg.device, command=command)
+        return run_ensemble_fit(root=out.parent, data_dir=cfg.data, device=cfg.device, command=command)
     return 0
 
 
@@ -345,11 +345,11 @@ def cmd_distill(args, parser) -> int:
 
 
 def cmd_ensemble(args, parser) -> int:
-    return run_ensemble_fit(root=args.checkpoints, data=args.data, tta=args.tta, out=args.out, device=args.device,
+    return run_ensemble_fit(root=args.checkpoints, data_dir=args.data, tta=args.tta, out=args.out, device=args.device,
                             command="python train.py " + " ".join(sys.argv[1:]))
 
 
-def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", command=None) -> int:
+def run_ensemble_fit(root=None, data_dir=None, tta=None, out=None, device="auto", command=None) -> int:
     """Fit the ensemble over every checkpoint under `root`, print the table, write ensemble.json."""
     from cifar_core.data import load_cifar10_for
     from cifar_core.engine import resolve_device
@@ -366,7 +366,7 @@ def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", co
     for m in members:
         m.predictor.model.to(dev)
     try:
-        record = fit_zoo(members, load_cifar10_for(data, [m.meta for m in members]), tta=tta, command=command)
+        record = fit_zoo(members, load_cifar10_for(data_dir, [m.meta for m in members]), tta=tta, command=command)
     except EnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

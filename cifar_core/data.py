@@ -54,14 +54,14 @@ class Cifar10:
 # Finding the data
 # ---------------------------------------------------------------------------------------------
 
-def resolve_data_dir(data: str | None = None, origin: str | None = None) -> tuple[str, Path]:
+def resolve_data_dir(data_dir: str | None = None, origin: str | None = None) -> tuple[str, Path]:
     """Return (format, path) for `--data`, else $CIFAR10_DIR, else the default beside the repo
-    (paths.py), else an error naming the options. `origin` says where an explicit `data` came from.
+    (paths.py), else an error naming the options. `origin` says where an explicit `data_dir` came from.
 
     format is "imagefolder" (train/<class>/*, test/<class>/*) or "torchvision" (cifar-10-batches-py).
     """
-    if data:
-        candidate, origin = str(data), origin or "--data"
+    if data_dir:
+        candidate, origin = str(data_dir), origin or "--data"
     else:
         candidate, origin = paths.data_source()
     if not candidate:
@@ -197,11 +197,11 @@ def _write_cache(fp: str, images, labels, is_test) -> None:
         pass  # caching is an optimization; a read-only home still works, just slower
 
 
-def load_cifar10(data: str | None = None, download: bool = False, origin: str | None = None) -> Cifar10:
+def load_cifar10(data_dir: str | None = None, download: bool = False, origin: str | None = None) -> Cifar10:
     """Load all 60k images as uint8 tensors (decoded once, then cached on disk)."""
-    if download and not data and paths.data_source()[0] is None:
-        data = str(download_torchvision(cache_dir() / "download"))
-    fmt, path = resolve_data_dir(data, origin)
+    if download and not data_dir and paths.data_source()[0] is None:
+        data_dir = str(download_torchvision(cache_dir() / "download"))
+    fmt, path = resolve_data_dir(data_dir, origin)
     loader = _load_imagefolder if fmt == "imagefolder" else _load_torchvision
     images, labels, is_test, fp = loader(path)
     if len(labels) != 60000:
@@ -215,10 +215,10 @@ def load_cifar10(data: str | None = None, download: bool = False, origin: str | 
     )
 
 
-def load_cifar10_for(data: str | None, metas: list[dict]) -> Cifar10:
+def load_cifar10_for(data_dir: str | None, metas: list[dict]) -> Cifar10:
     """CIFAR-10 for commands that start from checkpoints (evaluate, calibrate, ensemble, report):
     --data, else $CIFAR10_DIR, else the folder the checkpoints were trained from, else the default."""
-    sources = paths.data_sources(data, paths.recorded_data(metas))
+    sources = paths.data_sources(data_dir, paths.recorded_data(metas))
     if len(sources) <= 1:  # an explicit choice, or one candidate: its own full message
         return load_cifar10(sources[0][0], origin=sources[0][1]) if sources else load_cifar10(None)
     errors = []

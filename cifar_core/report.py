@@ -361,12 +361,12 @@ def plot_cam_grid(images, labels, rows: list[tuple[str, list[tuple[np.ndarray, i
 # Data-dependent sections
 # ---------------------------------------------------------------------------------------------
 
-def load_data(data: str | None, metas: list[dict]):
+def load_data(data_dir: str | None, metas: list[dict]):
     """(Cifar10, None) or (None, reason): the data as every checkpoint command finds it
     (data.load_cifar10_for: --data, $CIFAR10_DIR, where the checkpoints were trained from, the default)."""
     from .data import DataSourceError, load_cifar10_for
     try:
-        return load_cifar10_for(data, metas), None
+        return load_cifar10_for(data_dir, metas), None
     except (DataSourceError, OSError) as e:
         return None, str(e).splitlines()[0]
 
@@ -674,7 +674,7 @@ def _fitted_ensemble(src: Sources, loaded: list) -> tuple[object | None, str | N
         return None, f"ensemble.json's weights are unusable ({e})"
 
 
-def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None) -> None:
+def section_data(rep: Report, src: Sources, figs: Figures, data_dir: str | None) -> None:
     """Sample predictions of every shipped checkpoint (and the fitted ensemble), and one Grad-CAM grid."""
     from .checkpoint import CheckpointError
     from .data import make_split
@@ -685,7 +685,7 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None)
     if not shipped:
         rep.skip("Sample predictions and Grad-CAM", "no checkpoints to load")
         return
-    data, why = load_data(data_arg, [r.meta for r in shipped])
+    data, why = load_data(data_dir, [r.meta for r in shipped])
     if data is None:
         rep.skip("Sample predictions and Grad-CAM", f"the CIFAR-10 data could not be loaded ({why}); "
                  "pass --data or set CIFAR10_DIR")
@@ -785,7 +785,7 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None)
 
 
 def build_report(out: str | Path = "results", checkpoints: str | Path | None = None, runs: str | Path = "runs",
-                 data: str | None = None) -> Path:
+                 data_dir: str | None = None) -> Path:
     """Write out/REPORT.md and out/figures/*.png; returns the REPORT.md path."""
     out = Path(out)
     src = collect(checkpoints, runs)
@@ -797,7 +797,7 @@ def build_report(out: str | Path = "results", checkpoints: str | Path | None = N
     section_ensemble(rep, src)
     section_distill(rep, src)
     section_curves(rep, src, figs)
-    section_data(rep, src, figs, data)
+    section_data(rep, src, figs, data_dir)
     figs.remove_stale()
 
     head = ["# CIFAR-10 Lab: results",
