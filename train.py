@@ -267,29 +267,18 @@ def cmd_evaluate(args, parser) -> int:
 
 
 def cmd_calibrate(args, parser) -> int:
-    from cifar_core.checkpoint import atomic_write_json, load_checkpoint, now_iso
-    from cifar_core.data import load_cifar10_for, make_split
-    from cifar_core.ensemble import calibrated_metrics
-    from cifar_core.evaluate import plot_confusion
-    from cifar_core.predictor import Predictor
+    from cifar_core.checkpoint import read_meta
+    from cifar_core.data import load_cifar10_for
+    from cifar_core.ensemble import EnsembleError, recalibrate_checkpoint
 
-    folder = Path(args.checkpoint)
-    model, meta = load_checkpoint(folder)
-    data = load_cifar10_for(args.data, [meta])
-    split = make_split(data, meta["split"]["name"], meta["split"]["seed"])
-    if split.fingerprint != meta["split"]["fingerprint"]:
-        parser.error(f"the data gives split {split.fingerprint}, the checkpoint was trained on "
-                     f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
-    metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
-    before = meta["metrics"].get("val", {}).get("nll")
-    meta.update(metrics=metrics, temperature=temperature, saved_at=now_iso())  # exports compare saved_at
-    meta.setdefault("commands", []).append("python train.py " + " ".join(sys.argv[1:]))
-    atomic_write_json(folder / "meta.json", meta)
-    if "test" in metrics:
-        plot_confusion(metrics["test"]["confusion"], folder / "confusion.png",
-                       title=f"{folder.name}: test confusion ({split.name} split)")
-    print(f"{folder}: temperature {temperature:.4f}; val NLL {before} -> {metrics['val']['nll']:.4f}, "
-          f"val ECE {metrics['val']['ece_uncalibrated']:.4f} -> {metrics['val']['ece']:.4f}")
+    data = load_cifar10_for(args.data, [read_meta(args.checkpoint)])
+    try:
+        r = recalibrate_checkpoint(args.checkpoint, data, command="python train.py " + " ".join(sys.argv[1:]))
+    except EnsembleError as e:
+        parser.error(str(e))
+    val = r["metrics"]["val"]
+    print(f"{args.checkpoint}: temperature {r['temperature']:.4f}; val NLL {r['before']} -> {val['nll']:.4f}, "
+          f"val ECE {val['ece_uncalibrated']:.4f} -> {val['ece']:.4f}")
     return 0
 
 

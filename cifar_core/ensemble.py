@@ -170,6 +170,30 @@ def calibrated_metrics(predictor: Predictor, data, split) -> tuple[dict, float]:
     return metrics, temperature
 
 
+def recalibrate_checkpoint(folder: str | Path, data, command: str | None = None) -> dict:
+    """Refit a checkpoint's temperature on its val split and rewrite its meta.json (metrics,
+    temperature, saved_at, the command) and confusion.png. The data must give the checkpoint's
+    own split: calibrating on other images is refused. Returns {"before": val NLL, "metrics", "temperature"}."""
+    from .data import make_split
+    from .evaluate import plot_confusion
+    folder = Path(folder)
+    model, meta = load_checkpoint(folder)
+    split = make_split(data, meta["split"]["name"], meta["split"]["seed"])
+    if split.fingerprint != meta["split"]["fingerprint"]:
+        raise EnsembleError(f"the data gives split {split.fingerprint}, the checkpoint was trained on "
+                            f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
+    metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
+    before = meta["metrics"].get("val", {}).get("nll")
+    meta.update(metrics=metrics, temperature=temperature, saved_at=now_iso())  # exports compare saved_at
+    if command:
+        meta.setdefault("commands", []).append(command)
+    atomic_write_json(folder / META, meta)
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion"], folder / "confusion.png",
+                       title=f"{folder.name}: test confusion ({split.name} split)")
+    return {"before": before, "metrics": metrics, "temperature": temperature}
+
+
 # ---------------------------------------------------------------------------------------------
 # Level 4: weights (and an ensemble temperature) fitted on the validation split
 # ---------------------------------------------------------------------------------------------
