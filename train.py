@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -116,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="ONNX fp32 + static int8 exports of checkpoints (level 5)",
                        description="Write exports/<checkpoint>/fp32.onnx and int8.onnx; int8 ranges are "
                                    "calibrated on training images of the checkpoint's split.")
-    x.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: every one under checkpoints/)")
-    x.add_argument("--exports", default="exports", help="output root (default exports/)")
+    x.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: every one under $CIFAR_CHECKPOINTS or checkpoints/)")
+    x.add_argument("--exports", default=None, help="output root (default $CIFAR_EXPORTS or exports/)")
     x.add_argument("--calibration-images", type=positive_int, default=512, help="training images for int8 ranges")
     data_args(x)
 
@@ -129,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets (0-1)")
     d.add_argument("--temperature", type=positive_float, default=1.0,
                    help="softens teacher and student (the soft term is scaled by T^2; see cifar_core/distill.py)")
-    d.add_argument("--teacher", default="checkpoints", help="folder of teacher checkpoints (the ensemble)")
+    d.add_argument("--teacher", default=None, help="folder of teacher checkpoints, the ensemble (default $CIFAR_CHECKPOINTS or checkpoints/)")
     d.add_argument("--views", type=int, default=0,
                    help="consistent teaching: flips and shifts follow a plan of this many views per image, "
                         "which the teacher labels one by one ahead of training (same as --set augment.views=V); "
@@ -153,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints members vs equal-weight vs fitted ensemble and writes the fit.")
     n.add_argument("--tta", type=int, choices=(0, 1, 2),
                    help="test-time augmentation of every member (default: each member's recorded level)")
-    n.add_argument("--checkpoints", default=None, help="folder of checkpoint folders (default checkpoints/)")
+    n.add_argument("--checkpoints", default=None, help="folder of checkpoint folders (default $CIFAR_CHECKPOINTS or checkpoints/)")
     n.add_argument("--out", help="where to write the fit (default: <checkpoints>/ensemble.json)")
     n.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     n.add_argument("--data", help="CIFAR-10 folder (default: $CIFAR10_DIR, else the one the members were trained on)")
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="output folder (default results/)")
     r.add_argument("--data", help="CIFAR-10 folder for the sample/Grad-CAM figures (default: $CIFAR10_DIR, "
                                   "else the folder the checkpoints were trained from)")
-    r.add_argument("--checkpoints", default="checkpoints", help="shipped checkpoints (default checkpoints/)")
+    r.add_argument("--checkpoints", default=None, help="shipped checkpoints (default $CIFAR_CHECKPOINTS or checkpoints/)")
     r.add_argument("--runs", default="results/runs",
                    help="runs folder: level1/, ablation/, distill*/ (default results/runs/, the recorded runs)")
     return parser
@@ -179,7 +178,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cmd_train(args, parser) -> int:
-    from cifar_core.engine import TrainConfig, resolve_device, train
+    from cifar_core.engine import TrainConfig, apply_settings, resolve_device, train
     from cifar_core.levels import get_level
 
     base, out = TrainConfig(), None
@@ -228,61 +227,20 @@ def cmd_train(args, parser) -> int:
     if test:
         print(f"\n{cfg.model}: test accuracy {test['accuracy']:.4f} (tta={cfg.tta}), checkpoint in {out}")
     if args.level == 4:  # level 4 = the ensemble's last member, then the fit over the zoo it joined
-        return run_ensemble_fit(root=out.parent, data=cfg.data, device=cfg.device, command=command)
+        return run_ensemble_fit(root=out.parent, data_dir=cfg.data, device=cfg.device, command=command)
     return 0
-
-
-def apply_settings(cfg, settings: list[str]):
-    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8).
-
-    Values are JSON (a bare word is a string) and must have the field's declared type."""
-    import json
-    from cifar_core.augment import AugmentConfig
-    from cifar_core.engine import TrainConfig
-    d = cfg.to_dict()
-    for item in settings:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text  # a bare word is a string: --set schedule=cosine
-        *parents, leaf = key.split(".")
-        node, owner = d, TrainConfig
-        for part in parents:
-            if part != "augment":
-                raise ValueError(f"--set {key}: {part!r} is not a nested config (only augment.* is)")
-            node, owner = node[part], AugmentConfig
-        if leaf not in node:
-            raise ValueError(f"--set {key}: unknown field {leaf!r}; known: {', '.join(sorted(node))}")
-        declared = str(owner.__dataclass_fields__[leaf].type)
-        if not _has_type(value, {t.strip() for t in declared.split("|")}):
-            raise ValueError(f"--set {key}={text}: expected {declared}, got {type(value).__name__}")
-        node[leaf] = value
-    return TrainConfig.from_dict(d)
-
-
-def _has_type(value, allowed: set[str]) -> bool:
-    if value is None:
-        return "None" in allowed
-    if isinstance(value, bool):
-        return "bool" in allowed
-    if isinstance(value, int):
-        return bool({"int", "float"} & allowed)
-    return type(value).__name__ in allowed
 
 
 def cmd_evaluate(args, parser) -> int:
     from cifar_core.checkpoint import load_checkpoint
-    from cifar_core.data import make_split
+    from cifar_core.data import load_cifar10_for, make_split
     from cifar_core.evaluate import evaluate_predictor, format_table, plot_confusion, plot_curves
     from cifar_core.predictor import Predictor
 
     model, meta = load_checkpoint(args.checkpoint)
     split_name = args.split or meta["split"]["name"]
     split_seed = meta["split"]["seed"] if args.split_seed is None else args.split_seed
-    data = load_data_for(meta, args.data)
+    data = load_cifar10_for(args.data, [meta])
     split = make_split(data, split_name, split_seed)
     tta = meta["metrics"].get("tta", 0) if args.tta is None else args.tta
     idx = split.indices(args.subset)
@@ -308,37 +266,19 @@ def cmd_evaluate(args, parser) -> int:
     return 0
 
 
-def load_data_for(meta: dict, data_flag: str | None):
-    """--data, else $CIFAR10_DIR, else the folder the checkpoint was trained from."""
-    from cifar_core.data import load_cifar10
-    fallback = None if os.environ.get("CIFAR10_DIR") else meta["train_config"].get("data")
-    return load_cifar10(data_flag or fallback)
-
-
 def cmd_calibrate(args, parser) -> int:
-    from cifar_core.checkpoint import atomic_write_json, load_checkpoint, now_iso
-    from cifar_core.data import make_split
-    from cifar_core.ensemble import calibrated_metrics
-    from cifar_core.evaluate import plot_confusion
-    from cifar_core.predictor import Predictor
+    from cifar_core.checkpoint import read_meta
+    from cifar_core.data import load_cifar10_for
+    from cifar_core.ensemble import EnsembleError, recalibrate_checkpoint
 
-    folder = Path(args.checkpoint)
-    model, meta = load_checkpoint(folder)
-    data = load_data_for(meta, args.data)
-    split = make_split(data, meta["split"]["name"], meta["split"]["seed"])
-    if split.fingerprint != meta["split"]["fingerprint"]:
-        parser.error(f"the data gives split {split.fingerprint}, the checkpoint was trained on "
-                     f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
-    metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
-    before = meta["metrics"].get("val", {}).get("nll")
-    meta.update(metrics=metrics, temperature=temperature, saved_at=now_iso())  # exports compare saved_at
-    meta.setdefault("commands", []).append("python train.py " + " ".join(sys.argv[1:]))
-    atomic_write_json(folder / "meta.json", meta)
-    if "test" in metrics:
-        plot_confusion(metrics["test"]["confusion"], folder / "confusion.png",
-                       title=f"{folder.name}: test confusion ({split.name} split)")
-    print(f"{folder}: temperature {temperature:.4f}; val NLL {before} -> {metrics['val']['nll']:.4f}, "
-          f"val ECE {metrics['val']['ece_uncalibrated']:.4f} -> {metrics['val']['ece']:.4f}")
+    data = load_cifar10_for(args.data, [read_meta(args.checkpoint)])
+    try:
+        r = recalibrate_checkpoint(args.checkpoint, data, command="python train.py " + " ".join(sys.argv[1:]))
+    except EnsembleError as e:
+        parser.error(str(e))
+    val = r["metrics"]["val"]
+    print(f"{args.checkpoint}: temperature {r['temperature']:.4f}; val NLL {r['before']} -> {val['nll']:.4f}, "
+          f"val ECE {val['ece_uncalibrated']:.4f} -> {val['ece']:.4f}")
     return 0
 
 
@@ -352,29 +292,28 @@ def cmd_models(args, parser) -> int:
 
 
 def cmd_export(args, parser) -> int:
-    from cifar_core.checkpoint import load_checkpoint
-    from cifar_core.data import load_cifar10, make_split
+    from cifar_core.data import load_cifar10
     from cifar_core.ensemble import find_checkpoints
-    from cifar_core.export import calibration_images, export_checkpoint
+    from cifar_core.export import export_folders
+    from cifar_core.paths import checkpoints_dir
 
     folders = [Path(c) for c in args.checkpoints] or find_checkpoints()
     if not folders:
-        parser.error("no checkpoints given and none under checkpoints/")
-    data = load_cifar10(args.data)
-    for folder in folders:
-        model, meta = load_checkpoint(folder)
-        split = make_split(data, args.split or meta["split"]["name"],
-                           meta["split"]["seed"] if args.split_seed is None else args.split_seed)
-        files = export_checkpoint(model, meta, folder.name, Path(args.exports) / folder.name,
-                                  calibration_images(data, split, args.calibration_images))
-        print(f"{folder}: " + ", ".join(f"{k} {p} ({p.stat().st_size / 2**20:.2f} MB)" for k, p in files.items()))
+        parser.error(f"no checkpoints given and none under {checkpoints_dir()}")
+    report_exports(export_folders(folders, load_cifar10(args.data), args.exports, args.split, args.split_seed,
+                                  args.calibration_images))
     return 0
+
+
+def report_exports(exported) -> None:
+    for folder, files in exported:
+        print(f"{folder}: " + ", ".join(f"{k} {p} ({p.stat().st_size / 2**20:.2f} MB)" for k, p in files.items()))
 
 
 def cmd_distill(args, parser) -> int:
     from cifar_core.data import load_cifar10
     from cifar_core.distill import distill_pair
-    from cifar_core.engine import TrainConfig
+    from cifar_core.engine import TrainConfig, apply_settings
 
     if not 0 < args.alpha <= 1:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
@@ -395,16 +334,18 @@ def cmd_distill(args, parser) -> int:
 
 
 def cmd_ensemble(args, parser) -> int:
-    return run_ensemble_fit(root=args.checkpoints, data=args.data, tta=args.tta, out=args.out, device=args.device,
+    return run_ensemble_fit(root=args.checkpoints, data_dir=args.data, tta=args.tta, out=args.out, device=args.device,
                             command="python train.py " + " ".join(sys.argv[1:]))
 
 
-def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", command=None) -> int:
+def run_ensemble_fit(root=None, data_dir=None, tta=None, out=None, device="auto", command=None) -> int:
     """Fit the ensemble over every checkpoint under `root`, print the table, write ensemble.json."""
+    from cifar_core.data import load_cifar10_for
     from cifar_core.engine import resolve_device
-    from cifar_core.ensemble import DEFAULT_ROOT, FIT_FILE, EnsembleError, fit_table, fit_zoo, load_zoo, write_fit
+    from cifar_core.ensemble import FIT_FILE, EnsembleError, fit_table, fit_zoo, load_zoo, write_fit
+    from cifar_core.paths import checkpoints_dir
 
-    root = Path(root or DEFAULT_ROOT)
+    root = checkpoints_dir(root)
     members = load_zoo(root, tta=tta)
     if not members:
         print(f"error: no loadable checkpoints under {root}: train some first (python train.py --level 3)",
@@ -414,7 +355,7 @@ def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", co
     for m in members:
         m.predictor.model.to(dev)
     try:
-        record = fit_zoo(members, load_data_for(members[0].meta, data), tta=tta, command=command)
+        record = fit_zoo(members, load_cifar10_for(data_dir, [m.meta for m in members]), tta=tta, command=command)
     except EnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -426,30 +367,33 @@ def run_ensemble_fit(root=None, data=None, tta=None, out=None, device="auto", co
 
 
 def cmd_report(args, parser) -> int:
+    from cifar_core.paths import checkpoints_dir
     from cifar_core.report import build_report
-    path = build_report(args.out, args.checkpoints, args.runs, args.data)
+    path = build_report(args.out, checkpoints_dir(args.checkpoints), args.runs, args.data)
     figures = sorted((path.parent / "figures").glob("*.png"))
     print(f"wrote {path} and {len(figures)} figures under {path.parent / 'figures'}")
     return 0
 
 
 def run_level5(cfg, out: Path, parser) -> int:
-    """Distill (student + twin), export shipped models and the students, then the benchmark tables."""
+    """Distill (student + twin), export shipped models and the students, then the benchmark tables
+    (benchmarks/export_latency.py, run as its own program: benchmarks time things in a fresh process)."""
     import subprocess
     from cifar_core.data import load_cifar10
     from cifar_core.distill import distill_pair
     from cifar_core.ensemble import find_checkpoints
+    from cifar_core.export import export_folders
 
     if not find_checkpoints():
         parser.error("level 5 distills the shipped ensemble: train it first (python train.py --level 3)")
-    results = distill_pair(load_cifar10(cfg.data), out, cfg.model, cfg.epochs, cfg.seed, cfg.distill_alpha,
+    data = load_cifar10(cfg.data)
+    results = distill_pair(data, out, cfg.model, cfg.epochs, cfg.seed, cfg.distill_alpha,
                            cfg.distill_temperature, base=cfg, progress=cfg.progress)
     students = [str(r.out_dir) for r in (results["scratch"], results["distilled"])]
-    data = ["--data", cfg.data] if cfg.data else []
-    subprocess.run([sys.executable, "train.py", "export", *map(str, find_checkpoints()), *students, *data],
-                   check=True)
+    report_exports(export_folders([*find_checkpoints(), *students], data))
+    data_flag = ["--data", cfg.data] if cfg.data else []
     bench = Path(__file__).resolve().parent / "benchmarks" / "export_latency.py"
-    return subprocess.run([sys.executable, str(bench), "--students", *students, *data]).returncode
+    return subprocess.run([sys.executable, str(bench), "--students", *students, *data_flag]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

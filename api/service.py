@@ -12,7 +12,7 @@ from cifar_core.data import CLASSES
 from cifar_core.edge import EdgeModel
 from cifar_core.explain import METHODS
 from cifar_core.images import MAX_FILE_BYTES, ImageInputError
-from demo.service import ENSEMBLE, Lab
+from cifar_core.serving import ENSEMBLE, Lab
 
 
 class ClientError(Exception):

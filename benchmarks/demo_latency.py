@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +24,13 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from demo.testing import free_port  # noqa: E402
-
-
 WARM_UP_PAUSE_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -111,7 +113,7 @@ def main() -> None:
         client.predict(handle_file(str(sorted((ROOT / "demo" / "examples").glob("cifar_*"))[0])),
                        api_name="/predict")
         first = time.perf_counter() - t1
-        from demo.service import Lab  # the model names, to explain them all
+        from cifar_core.serving import Lab  # the model names, to explain them all
         names = [m.name for m in Lab(args.checkpoints).members]
         # Not measured: one call per endpoint (loads Grad-CAM's imports if the app's background
         # warm-up has not yet), then a pause for that warm-up to finish its example images.

@@ -26,15 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import (DEFAULT_ROOT, Ensemble, EnsembleError, fit_weights, load_zoo,  # noqa: E402
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import (Ensemble, EnsembleError, fit_weights, load_zoo,
                                  member_log_probs, mixture_log_probs, shared_split)
-from cifar_core.evaluate import expected_calibration_error, format_table  # noqa: E402
+from cifar_core.evaluate import expected_calibration_error, format_table
+from cifar_core.paths import checkpoints_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TTA_NAMES = {0: "none", 1: "flip", 2: "flip + 1-px shifts"}
 
@@ -81,7 +81,7 @@ def params(member) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR)")
-    p.add_argument("--checkpoints", default=str(DEFAULT_ROOT), help="folder of checkpoint folders (the members)")
+    p.add_argument("--checkpoints", default=str(checkpoints_dir()), help="folder of checkpoint folders (the members)")
     p.add_argument("--tta", type=int, choices=(1, 2), default=2, help="the 'with TTA' level (default 2)")
     p.add_argument("--n", type=int, help="val and test images each (default: all of the split's)")
     p.add_argument("--repeats", type=int, default=50, help="batch-1 latency repeats (batch 64: a fifth, >= 3)")

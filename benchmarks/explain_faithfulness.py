@@ -12,19 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member  # noqa: E402
-from cifar_core.explain import METHODS  # noqa: E402
-from cifar_core.explain_metrics import faithfulness, paired_t  # noqa: E402
-from cifar_core.models.registry import resolve_module  # noqa: E402
-from cifar_core.predictor import preprocess  # noqa: E402
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import find_checkpoints, load_member
+from cifar_core.paths import checkpoints_dir
+from cifar_core.explain import METHODS
+from cifar_core.explain_metrics import faithfulness, paired_t
+from cifar_core.models.registry import resolve_module
+from cifar_core.predictor import preprocess
 
 
 def cam_grid(predictor) -> int:
@@ -46,7 +45,7 @@ def cam_grid(predictor) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: $CIFAR10_DIR)")
-    ap.add_argument("--checkpoints", default=str(DEFAULT_ROOT))
+    ap.add_argument("--checkpoints", default=str(checkpoints_dir()))
     ap.add_argument("--n", type=int, default=300, help="test images (the first n of the seed split's test set)")
     ap.add_argument("--scorecam-n", type=int, default=None, help="fewer images for ScoreCAM (default: --n)")
     ap.add_argument("--methods", default=",".join(METHODS))

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cifar_core.ensemble import DEFAULT_ROOT, find_checkpoints, load_member  # noqa: E402
-from cifar_core.explain import METHODS, explain  # noqa: E402
-from cifar_core.models import create_model, list_models  # noqa: E402
-from cifar_core.predictor import Predictor  # noqa: E402
+from cifar_core.ensemble import find_checkpoints, load_member
+from cifar_core.paths import checkpoints_dir
+from cifar_core.explain import METHODS, explain
+from cifar_core.models import create_model, list_models
+from cifar_core.predictor import Predictor
 
 
 def time_one(predictor, image, method, repeats, budget_s):
@@ -43,7 +41,7 @@ def time_one(predictor, image, method, repeats, budget_s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoints", default=str(DEFAULT_ROOT))
+    ap.add_argument("--checkpoints", default=str(checkpoints_dir()))
     ap.add_argument("--registered", action="store_true", help="also every registered model at random init")
     ap.add_argument("--models", default=None, help="comma list: only these registered models (with --registered)")
     ap.add_argument("--no-checkpoints", action="store_true", help="skip the shipped checkpoints")

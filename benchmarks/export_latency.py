@@ -20,18 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from cifar_core.checkpoint import WEIGHTS, load_checkpoint  # noqa: E402
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.ensemble import DEFAULT_ROOT, Ensemble, find_checkpoints, load_member  # noqa: E402
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.export import (DEFAULT_EXPORTS, FP32_FILE, INT8_FILE, OnnxClassifier,  # noqa: E402
+from cifar_core.checkpoint import WEIGHTS, load_checkpoint
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.ensemble import Ensemble, find_checkpoints, load_member
+from cifar_core.evaluate import format_table
+from cifar_core.export import (FP32_FILE, INT8_FILE, OnnxClassifier,
                                calibration_images, export_checkpoint, fx_quantize, is_current)
-from cifar_core.predictor import Predictor, preprocess  # noqa: E402
+from cifar_core.paths import checkpoints_dir, exports_dir
+from cifar_core.predictor import Predictor, preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def interleaved_median_ms(models: list, x: torch.Tensor, repeats: int, warmup: int = 5) -> list[dict]:
@@ -123,8 +123,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR)")
-    p.add_argument("--checkpoints", default=str(DEFAULT_ROOT), help="folder of shipped checkpoint folders")
-    p.add_argument("--exports", default=str(DEFAULT_EXPORTS), help="where ONNX files are (re)built")
+    p.add_argument("--checkpoints", default=str(checkpoints_dir()), help="folder of shipped checkpoint folders")
+    p.add_argument("--exports", default=str(exports_dir()), help="where ONNX files are (re)built")
     p.add_argument("--students", nargs="*", default=[], help="student checkpoints for the distillation table")
     p.add_argument("--rebuild", action="store_true", help="re-export even when the exports are current")
     p.add_argument("--repeats", type=int, default=200, help="batch-1 repeats (batch 64: a tenth, >= 5)")

@@ -12,9 +12,7 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def cell(batch: int, keep: bool, size: int, images: int) -> None:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.models import create_model  # noqa: E402
+from cifar_core.evaluate import format_table
+from cifar_core.models import create_model
 
 
 def forward_flops(model, size: int) -> float:
@@ -110,8 +109,6 @@ def main(argv=None) -> int:
         if key not in measured:
             measured[key] = measure(meta["model"], size, kwargs, args.repeats)
         cost = measured[key]
-        epochs = meta["train_config"]["epochs"]
-        n_train = meta["split"]["sizes"]["train"]
         rows.append(row(str(meta_path.parent), size, kwargs, cost, meta["train_config"]["epochs"],
                         meta["split"]["sizes"]["train"], meta["metrics"]))
     for size in args.cost_only:  # sizes the sweep has no accuracy for: what they would cost

@@ -51,16 +51,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from cifar_core.data import load_cifar10, make_split  # noqa: E402
-from cifar_core.engine import (TrainConfig, check_stem_freezes, resolve_device, step_counts,  # noqa: E402
+from cifar_core.data import load_cifar10, make_split
+from cifar_core.engine import (TrainConfig, apply_settings, check_stem_freezes, resolve_device, step_counts,
                                stem_bias_trains, train, train_size)
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.levels import LEVELS  # noqa: E402
-from cifar_core.models import create_model  # noqa: E402
-from cifar_core.predictor import Predictor  # noqa: E402
-from train import apply_settings  # noqa: E402  (the CLI's --set KEY=VALUE parser, dotted keys included)
+from cifar_core.evaluate import format_table
+from cifar_core.levels import LEVELS
+from cifar_core.models import create_model
+from cifar_core.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parent.parent
 
 _FAST = replace(LEVELS[3].config, split="official")
 

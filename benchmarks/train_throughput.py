@@ -7,17 +7,14 @@ Synthetic inputs: throughput does not depend on pixel values.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cifar_core.engine import TrainConfig, make_optimizer  # noqa: E402
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.models import create_model  # noqa: E402
+from cifar_core.engine import TrainConfig, make_optimizer
+from cifar_core.evaluate import format_table
+from cifar_core.models import create_model
 
 
 def measure(name: str, batch: int, repeats: int, channels_last: bool, bf16: bool) -> float:

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cifar_core.augment import AugmentConfig  # noqa: E402
-from cifar_core.engine import TrainConfig  # noqa: E402
-from cifar_core.evaluate import format_table  # noqa: E402
-from cifar_core.levels import TRANSFER_RECIPE as RECIPE  # noqa: E402
+from cifar_core.augment import AugmentConfig
+from cifar_core.engine import TrainConfig
+from cifar_core.evaluate import format_table
+from cifar_core.levels import TRANSFER_RECIPE as RECIPE
 
 L1, L2 = "tf_efficientnet_lite1", "tf_efficientnet_lite2"
 PLAIN = dict(schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment=AugmentConfig(translate=0, flip=False))

@@ -9,13 +9,14 @@ import hashlib
 import io
 import os
 import pickle
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import paths
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -53,19 +54,23 @@ class Cifar10:
 # Finding the data
 # ---------------------------------------------------------------------------------------------
 
-def resolve_data_dir(data: str | None = None) -> tuple[str, Path]:
-    """Return (format, path) for `--data`, else $CIFAR10_DIR, else an error naming both options.
+def resolve_data_dir(data_dir: str | None = None, origin: str | None = None) -> tuple[str, Path]:
+    """Return (format, path) for `--data`, else $CIFAR10_DIR, else the default beside the repo
+    (paths.py), else an error naming the options. `origin` says where an explicit `data_dir` came from.
 
     format is "imagefolder" (train/<class>/*, test/<class>/*) or "torchvision" (cifar-10-batches-py).
     """
-    candidate = data or os.environ.get("CIFAR10_DIR")
+    if data_dir:
+        candidate, origin = str(data_dir), origin or "--data"
+    else:
+        candidate, origin = paths.data_source()
     if not candidate:
         raise DataSourceError(
             "No CIFAR-10 data given. Either pass --data DIR (or set CIFAR10_DIR=DIR) pointing at\n"
             "  (a) an ImageFolder tree with train/<class>/*.jpg and test/<class>/*.jpg "
             "(e.g. ../shared/data/cifar10), or\n"
             "  (b) the torchvision format: a folder holding cifar-10-batches-py/ "
-            "(use --download to fetch it when online).")
+            f"(use --download to fetch it when online).\n(The default, {paths.DEFAULT_DATA}, does not exist.)")
     path = Path(candidate).expanduser()
     if (path / TORCHVISION_DIRNAME / "data_batch_1").exists():
         return "torchvision", path / TORCHVISION_DIRNAME
@@ -74,8 +79,9 @@ def resolve_data_dir(data: str | None = None) -> tuple[str, Path]:
     if (path / "train").is_dir() and (path / "test").is_dir():
         return "imagefolder", path
     raise DataSourceError(
-        f"{path} is not CIFAR-10 data: expected either train/<class>/ and test/<class>/ folders "
-        f"(ImageFolder) or {TORCHVISION_DIRNAME}/data_batch_1..5 + test_batch (torchvision format).")
+        f"{path} (from {origin}) is not CIFAR-10 data: expected either train/<class>/ and test/<class>/ "
+        f"folders (ImageFolder) or {TORCHVISION_DIRNAME}/data_batch_1..5 + test_batch (torchvision format). "
+        f"Pass --data DIR or set CIFAR10_DIR=DIR.")
 
 
 def download_torchvision(root: str | Path) -> Path:
@@ -191,11 +197,11 @@ def _write_cache(fp: str, images, labels, is_test) -> None:
         pass  # caching is an optimization; a read-only home still works, just slower
 
 
-def load_cifar10(data: str | None = None, download: bool = False) -> Cifar10:
+def load_cifar10(data_dir: str | None = None, download: bool = False, origin: str | None = None) -> Cifar10:
     """Load all 60k images as uint8 tensors (decoded once, then cached on disk)."""
-    if download and not (data or os.environ.get("CIFAR10_DIR")):
-        data = str(download_torchvision(cache_dir() / "download"))
-    fmt, path = resolve_data_dir(data)
+    if download and not data_dir and paths.data_source()[0] is None:
+        data_dir = str(download_torchvision(cache_dir() / "download"))
+    fmt, path = resolve_data_dir(data_dir, origin)
     loader = _load_imagefolder if fmt == "imagefolder" else _load_torchvision
     images, labels, is_test, fp = loader(path)
     if len(labels) != 60000:
@@ -207,6 +213,21 @@ def load_cifar10(data: str | None = None, download: bool = False) -> Cifar10:
         source=f"{fmt}:{path.resolve()}",
         fingerprint=fp,
     )
+
+
+def load_cifar10_for(data_dir: str | None, metas: list[dict]) -> Cifar10:
+    """CIFAR-10 for commands that start from checkpoints (evaluate, calibrate, ensemble, report):
+    --data, else $CIFAR10_DIR, else the folder the checkpoints were trained from, else the default."""
+    sources = paths.data_sources(data_dir, paths.recorded_data(metas))
+    if len(sources) <= 1:  # an explicit choice, or one candidate: its own full message
+        return load_cifar10(sources[0][0], origin=sources[0][1]) if sources else load_cifar10(None)
+    errors = []
+    for folder, origin in sources:
+        try:
+            return load_cifar10(folder, origin=origin)
+        except (DataSourceError, OSError) as e:
+            errors.append(str(e).splitlines()[0])
+    raise DataSourceError("; ".join(dict.fromkeys(errors)))
 
 
 # ---------------------------------------------------------------------------------------------

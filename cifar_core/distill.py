@@ -36,14 +36,14 @@ from .augment import AugmentConfig, apply_view, view_plan
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
 from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train
-from .ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
+from .ensemble import FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
 TEACHER_VIEWS_FILE = "teacher_view_logits.safetensors"
 MIN_TEACHER_WEIGHT = 0.01  # fitted weights below this change the teacher's targets by < 1%
 
 
-def teacher_ensemble(root=DEFAULT_ROOT, tta: int | None = 1) -> Ensemble:
+def teacher_ensemble(root=None, tta: int | None = 1) -> Ensemble:
     """The zoo's ensemble with its fitted weights (ensemble.json; equal weights when there is no
     fit for these checkpoints). Members the fit all but switched off are dropped: they would cost time, not teach."""
     members = load_zoo(root, tta=tta)
@@ -139,7 +139,7 @@ def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult |
 
 
 def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_small", epochs: float = 8,
-                 seed: int = 0, alpha: float = 0.5, temperature: float = 1.0, teacher_root=DEFAULT_ROOT,
+                 seed: int = 0, distill_alpha: float = 0.5, distill_temperature: float = 1.0, teacher_root=None,
                  teacher_tta: int = 1, base: TrainConfig | None = None, progress: bool = True,
                  teacher_cache: str | Path | None = None) -> dict:
     """Train `<student>_scratch` and `<student>_distilled` under out_root; returns both results.
@@ -148,7 +148,7 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     # The twin's config has no teacher settings, so one twin serves every alpha/temperature tried.
     cfg = replace(base or TrainConfig(), model=student, epochs=epochs, seed=seed, progress=progress,
                   distill_alpha=0.0, distill_temperature=TrainConfig.distill_temperature)
-    distilled_cfg = replace(cfg, distill_alpha=alpha, distill_temperature=temperature)
+    distilled_cfg = replace(cfg, distill_alpha=distill_alpha, distill_temperature=distill_temperature)
     check_distill_config(distilled_cfg)  # fail now, not after the teacher's passes over the data
     if cfg.augment.views and teacher_tta:
         raise ValueError("with planned views the teacher labels each view as shown: use teacher_tta=0")
@@ -158,7 +158,7 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
         m.predictor.model.to(device)
     split = make_split(data, cfg.split, cfg.split_seed)
     logits = cached_teacher_logits(teacher, data, split.train, Path(teacher_cache or out_root), cfg.augment)
-    teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": alpha, "temperature": temperature}
+    teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": distill_alpha, "temperature": distill_temperature}
     scratch = finished_run(out_root / f"{student}_scratch", cfg, data) or train(
         cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})
     distilled = train(distilled_cfg, out_root / f"{student}_distilled", data,

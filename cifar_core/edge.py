@@ -5,11 +5,10 @@
 
 They are listed and predicted like zoo members but stay out of the ensemble (they approximate
 members already in it) and have no Grad-CAM (onnxruntime gives no gradients). The demo
-(demo/service.py) and the REST API (api/service.py) both serve them from here.
+(cifar_core/serving.py) and the REST API (api/service.py) both serve them from here.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import DEFAULT_EXPORTS, INT8_FILE, ExportError, OnnxClassifier, find_exports, read_metadata
+from .export import INT8_FILE, ExportError, OnnxClassifier, find_exports, read_metadata
 from .predictor import Predictor
 
 SUFFIX = "-int8"
@@ -54,11 +53,6 @@ class EdgeModel:
         return probs, time.perf_counter() - t0
 
 
-def exports_root() -> Path:
-    """$CIFAR_EXPORTS, else the repo's exports/."""
-    return Path(os.environ.get("CIFAR_EXPORTS") or DEFAULT_EXPORTS)
-
-
 def load_edge_model(path: str | Path, threads: int = 1) -> EdgeModel:
     """One int8 export; ExportError says what is wrong with a missing, malformed or foreign file."""
     path = Path(path)
@@ -82,14 +76,14 @@ def load_edge_model(path: str | Path, threads: int = 1) -> EdgeModel:
 
 def load_edge_models(root: str | Path | None = None, threads: int = 1,
                      problems: list[str] | None = None) -> list[EdgeModel]:
-    """Every loadable `<root>/<name>/int8.onnx` (root: $CIFAR_EXPORTS or exports/), sorted by name.
+    """Every loadable `<root>/<name>/int8.onnx` (root: paths.exports_dir(): --exports, $CIFAR_EXPORTS or exports/), sorted by name.
 
     Broken files are skipped with a warning naming them (also appended to `problems` when given);
     a missing root gives an empty list. One intra-op thread each: an edge model is sized for one
     small core, and servers handle requests concurrently rather than splitting one tiny forward
     pass across cores."""
     models = []
-    for path in find_exports(root or exports_root(), INT8_FILE.removesuffix(".onnx")):
+    for path in find_exports(root, INT8_FILE.removesuffix(".onnx")):
         try:
             models.append(load_edge_model(path, threads))
         except ExportError as e:

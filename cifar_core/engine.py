@@ -104,6 +104,44 @@ class TrainResult:
     out_dir: Path | None
 
 
+def apply_settings(cfg, settings: list[str]):
+    """`--set key=value` overrides: dotted keys reach into nested configs (augment.cutout=8).
+
+    Values are JSON (a bare word is a string) and must have the field's declared type."""
+    d = cfg.to_dict()
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare word is a string: --set schedule=cosine
+        *parents, leaf = key.split(".")
+        node, owner = d, TrainConfig
+        for part in parents:
+            if part != "augment":
+                raise ValueError(f"--set {key}: {part!r} is not a nested config (only augment.* is)")
+            node, owner = node[part], AugmentConfig
+        if leaf not in node:
+            raise ValueError(f"--set {key}: unknown field {leaf!r}; known: {', '.join(sorted(node))}")
+        declared = str(owner.__dataclass_fields__[leaf].type)
+        if not _has_type(value, {t.strip() for t in declared.split("|")}):
+            raise ValueError(f"--set {key}={text}: expected {declared}, got {type(value).__name__}")
+        node[leaf] = value
+    return TrainConfig.from_dict(d)
+
+
+def _has_type(value, allowed: set[str]) -> bool:
+    if value is None:
+        return "None" in allowed
+    if isinstance(value, bool):
+        return "bool" in allowed
+    if isinstance(value, int):
+        return bool({"int", "float"} & allowed)
+    return type(value).__name__ in allowed
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ---------------------------------------------------------------------------------------------

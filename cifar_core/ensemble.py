@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .checkpoint import META, CheckpointError, atomic_write_json, code_version, load_checkpoint, now_iso
 from .predictor import Predictor
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 FIT_FILE = "ensemble.json"  # beside the checkpoint folders; find_checkpoints() only picks folders
 FIT_FORMAT = 1
 
@@ -44,8 +44,9 @@ class Member:
     predictor: Predictor
 
 
-def find_checkpoints(root: str | Path = DEFAULT_ROOT) -> list[Path]:
-    root = Path(root)
+def find_checkpoints(root: str | Path | None = None) -> list[Path]:
+    """The checkpoint folders under `root` (default: paths.checkpoints_dir())."""
+    root = paths.checkpoints_dir(root)
     return sorted(p for p in root.iterdir() if (p / META).exists()) if root.is_dir() else []
 
 
@@ -56,7 +57,7 @@ def load_member(path: str | Path, tta: int | None = None) -> Member:
     return Member(Path(path).name, Path(path), meta, predictor)
 
 
-def load_zoo(root: str | Path = DEFAULT_ROOT, tta: int | None = None) -> list[Member]:
+def load_zoo(root: str | Path | None = None, tta: int | None = None) -> list[Member]:
     """Every loadable checkpoint under `root`; broken ones are skipped with a warning naming them."""
     members = []
     for path in find_checkpoints(root):
@@ -93,7 +94,7 @@ class Ensemble:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         path = Path(path) if path is not None else (Path(members[0].path).parent / FIT_FILE
-                                                    if members[0].path else DEFAULT_ROOT / FIT_FILE)
+                                                    if members[0].path else paths.checkpoints_dir() / FIT_FILE)
         try:
             record = read_fit(path)
         except EnsembleError as e:
@@ -167,6 +168,30 @@ def calibrated_metrics(predictor: Predictor, data, split) -> tuple[dict, float]:
     metrics["calibration"] = {"method": "temperature scaling", "fitted_on": "val" if "val" in logits else "none",
                               "temperature": temperature}
     return metrics, temperature
+
+
+def recalibrate_checkpoint(folder: str | Path, data, command: str | None = None) -> dict:
+    """Refit a checkpoint's temperature on its val split and rewrite its meta.json (metrics,
+    temperature, saved_at, the command) and confusion.png. The data must give the checkpoint's
+    own split: calibrating on other images is refused. Returns {"before": val NLL, "metrics", "temperature"}."""
+    from .data import make_split
+    from .evaluate import plot_confusion
+    folder = Path(folder)
+    model, meta = load_checkpoint(folder)
+    split = make_split(data, meta["split"]["name"], meta["split"]["seed"])
+    if split.fingerprint != meta["split"]["fingerprint"]:
+        raise EnsembleError(f"the data gives split {split.fingerprint}, the checkpoint was trained on "
+                            f"{meta['split']['fingerprint']}: refusing to calibrate on other images")
+    metrics, temperature = calibrated_metrics(Predictor(model, tta=meta["metrics"].get("tta", 0)), data, split)
+    before = meta["metrics"].get("val", {}).get("nll")
+    meta.update(metrics=metrics, temperature=temperature, saved_at=now_iso())  # exports compare saved_at
+    if command:
+        meta.setdefault("commands", []).append(command)
+    atomic_write_json(folder / META, meta)
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion"], folder / "confusion.png",
+                       title=f"{folder.name}: test confusion ({split.name} split)")
+    return {"before": before, "metrics": metrics, "temperature": temperature}
 
 
 # ---------------------------------------------------------------------------------------------

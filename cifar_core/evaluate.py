@@ -62,24 +62,38 @@ def read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+def curves_figure(histories: dict[str, list[dict]], title: str = ""):
+    """Loss and accuracy per epoch of one or more runs (name -> history), overlaid: one colour per
+    run, dashed train, solid validation. Returns the matplotlib Figure (closed for pyplot: the
+    caller saves or shows it, and pyplot does not keep every figure alive)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style in (("train", "-o"), ("val", "-s")):
-        if any(h.get(f"{key}_loss") is not None for h in history):
-            ax_loss.plot(epochs, [h.get(f"{key}_loss") for h in history], style, label=key)
-            ax_acc.plot(epochs, [h.get(f"{key}_acc") for h in history], style, label=key)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i % 10}"
+        epochs = [r["epoch"] for r in history]
+        for key, style in (("train", "--"), ("val", "-")):
+            label = f"{name} {key}".strip()
+            for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+                values = [r.get(f"{key}_{metric}") for r in history]
+                if any(v is not None for v in values):
+                    ax.plot(epochs, values, style, color=color, marker="o", ms=3, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: train, solid: validation)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    plt.close(fig)
+    return fig
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """One run's curves as a PNG (meta's curves.png, the report's figures)."""
+    _save_figure(curves_figure({"": history}, title), path)
 
 
 def plot_confusion(confusion, path: Path, classes=CLASSES, title: str = "", normalize: bool = True) -> None:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import paths
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 OPSET = 20  # 20: GELU is one op (Gelu), not an Erf chain that QDQ would split up
@@ -252,7 +254,6 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxClassif
 
 FP32_FILE = "fp32.onnx"
 INT8_FILE = "int8.onnx"
-DEFAULT_EXPORTS = Path(__file__).resolve().parent.parent / "exports"
 
 
 def calibration_images(data, split, count: int = 512, seed: int = 0) -> torch.Tensor:
@@ -291,9 +292,24 @@ def export_checkpoint(model: nn.Module, meta: dict, name: str, out_dir: str | Pa
     return {"fp32": fp32, "int8": int8}
 
 
-def find_exports(root: str | Path = DEFAULT_EXPORTS, kind: str = "int8") -> list[Path]:
-    """Every `<root>/<name>/<kind>.onnx`, sorted by name."""
-    root = Path(root)
+def export_folders(folders: list, data, exports: str | Path | None = None, split_name: str | None = None,
+                   split_seed: int | None = None, calibration_count: int = 512):
+    """Export each checkpoint folder to <exports>/<folder name>/{fp32,int8}.onnx, the int8 ranges
+    calibrated on training images of its own split (or the split given). Yields (folder, files)."""
+    from .checkpoint import load_checkpoint
+    from .data import make_split
+    root = paths.exports_dir(exports)
+    for folder in map(Path, folders):
+        model, meta = load_checkpoint(folder)
+        split = make_split(data, split_name or meta["split"]["name"],
+                           meta["split"]["seed"] if split_seed is None else split_seed)
+        yield folder, export_checkpoint(model, meta, folder.name, root / folder.name,
+                                        calibration_images(data, split, calibration_count))
+
+
+def find_exports(root: str | Path | None = None, kind: str = "int8") -> list[Path]:
+    """Every `<root>/<name>/<kind>.onnx` (root: paths.exports_dir()), sorted by name."""
+    root = paths.exports_dir(root)
     return sorted(p / f"{kind}.onnx" for p in root.iterdir() if (p / f"{kind}.onnx").is_file()) \
         if root.is_dir() else []
 

@@ -67,7 +67,3 @@ def get_level(number: int) -> Level:
     if number in LEVELS:
         return LEVELS[number]
     raise KeyError(f"there is no level {number}; the challenge has levels {min(LEVELS)}-{max(LEVELS)}")
-
-
-def level_config(number: int, **overrides) -> TrainConfig:
-    return replace(get_level(number).config, **overrides)

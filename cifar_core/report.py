@@ -18,12 +18,12 @@ the same inputs give byte-identical files.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .checkpoint import atomic_write_bytes
 from .data import CLASSES
 from .evaluate import _save_figure, format_table
@@ -123,8 +123,8 @@ def level_of(path: Path, meta: dict, checkpoints: Path, runs: Path, levels=None)
     return (same_root or same_model)[0]
 
 
-def collect(checkpoints: str | Path = "checkpoints", runs: str | Path = "runs") -> Sources:
-    checkpoints, runs = Path(checkpoints), Path(runs)
+def collect(checkpoints: str | Path | None = None, runs: str | Path = "runs") -> Sources:
+    checkpoints, runs = paths.checkpoints_dir(checkpoints), Path(runs)
     src = Sources()
 
     def add(meta_path: Path, kind: str, name: str) -> None:
@@ -361,28 +361,14 @@ def plot_cam_grid(images, labels, rows: list[tuple[str, list[tuple[np.ndarray, i
 # Data-dependent sections
 # ---------------------------------------------------------------------------------------------
 
-def load_data(data: str | None, metas: list[dict]):
-    """(Cifar10, None) or (None, reason): --data, else $CIFAR10_DIR, else where the checkpoints were trained from."""
-    from .data import DataSourceError, load_cifar10
-    if data or os.environ.get("CIFAR10_DIR"):
-        candidates = [data]
-    else:
-        candidates = []
-        for meta in metas:
-            trained_from = (meta.get("train_config") or {}).get("data")
-            source = (meta.get("data") or {}).get("source", "")
-            for c in (trained_from, source.partition(":")[2] or None):
-                if c and c not in candidates:
-                    candidates.append(c)
-        if not candidates:
-            candidates = [None]  # load_cifar10's own message says what to pass
-    errors = []
-    for c in candidates:
-        try:
-            return load_cifar10(c), None
-        except (DataSourceError, OSError) as e:
-            errors.append(str(e).splitlines()[0])
-    return None, "; ".join(dict.fromkeys(errors))
+def load_data(data_dir: str | None, metas: list[dict]):
+    """(Cifar10, None) or (None, reason): the data as every checkpoint command finds it
+    (data.load_cifar10_for: --data, $CIFAR10_DIR, where the checkpoints were trained from, the default)."""
+    from .data import DataSourceError, load_cifar10_for
+    try:
+        return load_cifar10_for(data_dir, metas), None
+    except (DataSourceError, OSError) as e:
+        return None, str(e).splitlines()[0]
 
 
 def sample_positions(n_test: int, count: int = SAMPLE_COUNT) -> np.ndarray:
@@ -688,7 +674,7 @@ def _fitted_ensemble(src: Sources, loaded: list) -> tuple[object | None, str | N
         return None, f"ensemble.json's weights are unusable ({e})"
 
 
-def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None) -> None:
+def section_data(rep: Report, src: Sources, figs: Figures, data_dir: str | None) -> None:
     """Sample predictions of every shipped checkpoint (and the fitted ensemble), and one Grad-CAM grid."""
     from .checkpoint import CheckpointError
     from .data import make_split
@@ -699,7 +685,7 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None)
     if not shipped:
         rep.skip("Sample predictions and Grad-CAM", "no checkpoints to load")
         return
-    data, why = load_data(data_arg, [r.meta for r in shipped])
+    data, why = load_data(data_dir, [r.meta for r in shipped])
     if data is None:
         rep.skip("Sample predictions and Grad-CAM", f"the CIFAR-10 data could not be loaded ({why}); "
                  "pass --data or set CIFAR10_DIR")
@@ -798,8 +784,8 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_arg: str | None)
                 figs.link(path, "Grad-CAM examples"))
 
 
-def build_report(out: str | Path = "results", checkpoints: str | Path = "checkpoints", runs: str | Path = "runs",
-                 data: str | None = None) -> Path:
+def build_report(out: str | Path = "results", checkpoints: str | Path | None = None, runs: str | Path = "runs",
+                 data_dir: str | None = None) -> Path:
     """Write out/REPORT.md and out/figures/*.png; returns the REPORT.md path."""
     out = Path(out)
     src = collect(checkpoints, runs)
@@ -811,7 +797,7 @@ def build_report(out: str | Path = "results", checkpoints: str | Path = "checkpo
     section_ensemble(rep, src)
     section_distill(rep, src)
     section_curves(rep, src, figs)
-    section_data(rep, src, figs, data)
+    section_data(rep, src, figs, data_dir)
     figs.remove_stale()
 
     head = ["# CIFAR-10 Lab: results",

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python demo/app.py` (Spaces): import the repo as `python -m demo` would,
-    # and not demo/ itself, whose module names (common, service, testing) could shadow libraries'
+    # and not demo/ itself, whose module names (common, testing, upload) could shadow libraries'
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import gradio as gr  # noqa: E402
 
 from cifar_core.images import MAX_FILE_BYTES  # noqa: E402
-from demo.service import Lab  # noqa: E402
+from cifar_core.serving import Lab  # noqa: E402
 from demo.tab_classify import build_classify, build_compare, example_files  # noqa: E402
 from demo.tab_gradcam import build_gradcam  # noqa: E402
 from demo.tab_metrics import build_metrics  # noqa: E402

@@ -13,6 +13,7 @@ Rerun it after adding or retraining checkpoints: the mistakes and the threshold 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -21,28 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifar_core.checkpoint import now_iso
+from cifar_core.assets import compute_assets
+from cifar_core.checkpoint import atomic_write_bytes, atomic_write_json, now_iso
 from cifar_core.data import CLASSES, load_cifar10, make_split
-from cifar_core.evaluate import metrics_from_logits
 from cifar_core.runtime import keep_freed_memory
-
-from .service import ASSETS_DIR, Lab
+from cifar_core.serving import ASSETS_DIR, Lab
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # Photos from scikit-image's bundled data: (function, file stem, longest side). chelsea is a cat
 # (in distribution, but not a CIFAR-style photo); the others are not any CIFAR-10 class.
 PHOTOS = (("chelsea", "cat_chelsea", 256), ("coffee", "coffee", 256), ("astronaut", "astronaut", 256),
           ("rocket", "rocket", 256), ("camera", "cameraman_gray", 256))
-KEEP_IN_DISTRIBUTION = 0.95   # the OOD threshold keeps this fraction of validation images "in distribution"
-MISTAKES_PER_CLASS = 40       # 400 images x 3 KB: well under a megabyte compressed
-
-
-def ensemble_probs(lab: Lab, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    out = []
-    for start in range(0, len(images), batch):
-        out.append(lab.ensemble.probs(images[start:start + batch]))
-        print(f"  {min(start + batch, len(images))}/{len(images)}", file=sys.stderr, flush=True)
-    return torch.cat(out)
 
 
 def save_examples(images: torch.Tensor, labels: torch.Tensor) -> list[str]:
@@ -63,23 +53,9 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor) -> list[str]:
     return written
 
 
-def choose_mistakes(images, labels, probs, indices) -> dict:
-    pred = probs.argmax(1)
-    conf = probs.max(1).values
-    keep = []
-    for c in range(len(CLASSES)):
-        wrong = torch.nonzero((labels == c) & (pred != c)).flatten()
-        wrong = wrong[conf[wrong].argsort(descending=True)][:MISTAKES_PER_CLASS]  # most confident first
-        keep.append(wrong)
-    keep = torch.cat(keep)
-    return dict(images=images[keep].numpy(), labels=labels[keep].numpy().astype(np.int8),
-                predictions=pred[keep].numpy().astype(np.int8), confidence=conf[keep].numpy().astype(np.float32),
-                dataset_index=indices[keep].numpy().astype(np.int32))
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR)")
+    p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR, else ../shared/data/cifar10)")
     p.add_argument("--checkpoints", help="checkpoints root (default $CIFAR_CHECKPOINTS or checkpoints/)")
     p.add_argument("--out", default=str(ASSETS_DIR))
     args = p.parse_args(argv)
@@ -99,50 +75,23 @@ def main(argv=None) -> None:
 
     test_images, test_labels = data.images[split.test], data.labels[split.test]
     examples = save_examples(test_images, test_labels)
-
-    # OOD: the max calibrated ensemble probability, thresholded so that 95% of validation images
-    # (never used for training) count as in-distribution. Validation, not test, so that test stays untouched.
-    held_out = split.val if len(split.val) else split.test
-    val_probs = ensemble_probs(lab, data.images[held_out])
-    val_scores = val_probs.max(1).values
-    threshold = float(torch.quantile(val_scores, 1 - KEEP_IN_DISTRIBUTION))
-
-    test_probs = ensemble_probs(lab, test_images)
-    test_metrics = metrics_from_logits(test_probs.clamp_min(1e-12).log(), test_labels)
-    mistakes = choose_mistakes(test_images, test_labels, test_probs, split.test)
-
-    photo_scores = {}
-    for name in examples:
-        x = lab.decode(EXAMPLES_DIR / name)
-        photo_scores[name] = round(float(lab.ensemble.probs(x[None]).max()), 4)
+    photos = {name: lab.decode(EXAMPLES_DIR / name) for name in examples}
+    # the threshold (chosen on validation images) and the mistakes (test) are cifar_core's decisions
+    computed, mistakes = compute_assets(lab, data, split, photos)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "mistakes.npz", **mistakes)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **mistakes)
+    atomic_write_bytes(out / "mistakes.npz", buffer.getvalue())  # a killed build leaves the old files whole
     assets = {
         "built_at": now_iso(),
         "command": "python -m demo.build_assets " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "members": lab.names,
-        "weights": lab.ensemble.weights,
-        "split": {"name": split_name, "seed": split_seed, "fingerprint": split.fingerprint,
-                  "test_size": len(split.test)},
-        "ood": {
-            "score": "max calibrated ensemble probability (max softmax probability, MSP)",
-            "rule": "out of distribution when score < threshold",
-            "threshold": round(threshold, 4),
-            "chosen_on": f"{'validation' if len(split.val) else 'test'} split, {len(held_out)} images",
-            "keeps_in_distribution": KEEP_IN_DISTRIBUTION,
-            "members": lab.names,
-            "example_scores": photo_scores,
-        },
-        "ensemble_test": {k: test_metrics[k] for k in ("n", "accuracy", "nll", "ece", "per_class_accuracy",
-                                                        "confusion")},
-        "mistakes": {"file": "mistakes.npz", "count": int(len(mistakes["labels"])),
-                     "total_wrong": int((test_probs.argmax(1) != test_labels).sum()),
-                     "per_class_cap": MISTAKES_PER_CLASS, "order": "most confident first, per true class"},
+        **computed,
         "examples": examples,
     }
-    (out / "assets.json").write_text(json.dumps(assets, indent=2) + "\n")
+    test_metrics = computed["ensemble_test"]
+    atomic_write_json(out / "assets.json", assets)
     print(json.dumps({k: assets[k] for k in ("members", "ood", "mistakes")}, indent=2))
     print(f"ensemble test accuracy {test_metrics['accuracy']:.4f}")
 

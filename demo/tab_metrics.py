@@ -6,17 +6,14 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from cifar_core import evaluate
+from cifar_core.data import CLASSES
+from cifar_core.evaluate import plot_confusion, read_history
+from cifar_core.levels import LEVELS
 
-from cifar_core.data import CLASSES  # noqa: E402
-from cifar_core.evaluate import plot_confusion, read_history  # noqa: E402
-from cifar_core.levels import LEVELS  # noqa: E402
-
-from .common import user_errors  # noqa: E402
+from .common import user_errors
 
 ALL = "all models (overlaid)"
 _PLOTS = Path(tempfile.mkdtemp(prefix="cifar_demo_plots_"))
@@ -28,26 +25,7 @@ def history(member) -> list[dict]:
 
 def curves_figure(lab, which: str = ALL):
     members = lab.members if which in (None, ALL) else [lab.by_name[which]]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, m in enumerate(members):
-        h = history(m)
-        color = f"C{i % 10}"
-        epochs = [r["epoch"] for r in h]
-        for key, style in (("train", "--"), ("val", "-")):
-            loss = [r.get(f"{key}_loss") for r in h]
-            acc = [r.get(f"{key}_acc") for r in h]
-            if any(v is not None for v in loss):
-                ax_loss.plot(epochs, loss, style, color=color, marker="o", ms=3, label=f"{m.name} {key}")
-            if any(v is not None for v in acc):
-                ax_acc.plot(epochs, acc, style, color=color, marker="o", ms=3, label=f"{m.name} {key}")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (dashed: train, solid: validation)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    plt.close(fig)  # gr.Plot renders it; pyplot must not keep every figure alive
-    return fig
+    return evaluate.curves_figure({m.name: history(m) for m in members})  # drawn as the report draws them
 
 
 def confusion_image(lab, name: str, normalized: bool = True) -> str | None:

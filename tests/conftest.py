@@ -1,25 +1,21 @@
 """Shared fixtures. Real-data tests read CIFAR10_DIR; outside CI they skip when it is absent,
 in CI (CI=true) a missing data folder is a failure, not a skip."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from cifar_core import paths
+from cifar_core.runtime import keep_freed_memory
 
-from cifar_core.runtime import keep_freed_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
 
 
 def _data_dir():
-    path = os.environ.get("CIFAR10_DIR")
-    if path and Path(path).is_dir():
-        return path
-    default = ROOT.parent / "shared" / "data" / "cifar10"
-    return str(default) if default.is_dir() else None
+    folder, _ = paths.data_source()  # $CIFAR10_DIR, else ../shared/data/cifar10 (as every command finds it)
+    return folder if folder and Path(folder).is_dir() else None
 
 
 @pytest.fixture(scope="session")

@@ -40,9 +40,10 @@ def test_bad_flags(args, message):
 
 
 def test_missing_data_names_both_options(tmp_path):
-    r = run("--epochs", "1", "--out", str(tmp_path / "out"), env_extra={"CIFAR10_DIR": ""})
+    r = run("--epochs", "1", "--out", str(tmp_path / "out"), env_extra={"CIFAR10_DIR": str(tmp_path / "nowhere")})
     assert r.returncode == 2
-    assert "CIFAR10_DIR" in r.stderr and "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
+    assert "nowhere (from $CIFAR10_DIR)" in r.stderr and "--data" in r.stderr
+    assert "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -1,14 +1,15 @@
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
 from cifar_core.data import DataSourceError, load_cifar10, make_split, resolve_data_dir
 
 
-def test_no_data_error_names_both_options(monkeypatch):
+def test_no_data_error_names_both_options(monkeypatch, tmp_path):
+    from cifar_core import paths
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    monkeypatch.setattr(paths, "DEFAULT_DATA", tmp_path / "no-shared-beside-the-repo")
     with pytest.raises(DataSourceError) as e:
         resolve_data_dir(None)
     msg = str(e.value)

@@ -19,7 +19,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from cifar_core.data import CLASSES  # noqa: E402
 from demo.app import build_app  # noqa: E402
-from demo.service import Lab  # noqa: E402
+from cifar_core.serving import Lab  # noqa: E402
 from demo.tab_classify import example_files  # noqa: E402
 from demo.testing import launched, make_fake_zoo  # noqa: E402
 

@@ -17,7 +17,7 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 from cifar_core.data import CLASSES  # noqa: E402
 from demo.app import build_app  # noqa: E402
-from demo.service import Lab  # noqa: E402
+from cifar_core.serving import Lab  # noqa: E402
 from demo.testing import launched, make_fake_zoo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -101,16 +101,24 @@ def test_level5_runs_distill_then_export_then_benchmark(monkeypatch, tmp_path):
         calls.append(("distill", student, epochs, alpha, temperature, str(out)))
         return {role: SimpleNamespace(out_dir=tmp_path / role) for role in ("scratch", "distilled")}
 
+    def fake_export_folders(folders, data, *a, **kw):
+        calls.append(("export", *map(str, folders), data))
+        return iter(())
+
     monkeypatch.setattr(distill, "distill_pair", fake_distill_pair)
-    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: None)
+    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: "DATA-LOADED")
     monkeypatch.setattr("cifar_core.ensemble.find_checkpoints", lambda root=None: [tmp_path / "teacher"])
+    monkeypatch.setattr("cifar_core.export.export_folders", fake_export_folders)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(tuple(map(str, cmd))) or
                         SimpleNamespace(returncode=0))
     assert train.main(["--level", "5", "--data", "DATA"]) == 0
     assert calls[0] == ("distill", "cifar_cnn_small", 8, 0.5, 1.0, "runs/distill")
     export, bench = calls[1], calls[2]
-    assert export[1:3] == ("train.py", "export") and str(tmp_path / "distilled") in export and "DATA" in export
-    assert bench[1].endswith("export_latency.py") and "--students" in bench
+    # the export runs in this process (train.py never shells out to itself), on the data loaded once
+    assert export == ("export", str(tmp_path / "teacher"), str(tmp_path / "scratch"), str(tmp_path / "distilled"),
+                      "DATA-LOADED")
+    assert bench[1].endswith("export_latency.py") and "--students" in bench and "DATA" in bench
+    assert len(calls) == 3
 
 
 

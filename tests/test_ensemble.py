@@ -210,7 +210,7 @@ def test_level4_fits_the_ensemble_after_training(level, fits, monkeypatch, tmp_p
 
 
 def test_demo_lab_uses_the_fitted_weights(zoo_root, tmp_path):
-    from demo.service import Lab
+    from cifar_core.serving import Lab
     members = load_zoo(zoo_root)
     write_fit({"format": 1, "temperature": 1.0, "members": [
         {"name": m.name, "saved_at": m.meta["saved_at"], "weight": w, "tta": 0}
@@ -219,3 +219,27 @@ def test_demo_lab_uses_the_fitted_weights(zoo_root, tmp_path):
         warnings.simplefilter("ignore")  # no demo assets in tmp_path
         lab = Lab(zoo_root, assets_dir=tmp_path)
     assert lab.ensemble.weights == pytest.approx([0.3, 0.7])
+
+
+def test_cli_calibrate_refits_the_temperature_and_refuses_other_images(cifar, data_dir, tmp_path):
+    """`train.py calibrate` (cifar_core.ensemble.recalibrate_checkpoint): a new temperature fitted on
+    the checkpoint's own val split, written to meta.json; a checkpoint of another split is refused."""
+    import train
+    from cifar_core.data import CLASSES, make_split
+    torch.manual_seed(0)
+    model = create_model("cifar_cnn_small")
+    split = make_split(cifar, "seed", 0)
+    meta = {"model": "cifar_cnn_small", "model_kwargs": {}, "classes": list(CLASSES), "spec": model.spec.to_dict(),
+            "metrics": {"tta": 0}, "history": [], "temperature": 1.0,
+            "split": {"name": "seed", "seed": 0, "fingerprint": split.fingerprint}}
+    save_checkpoint(tmp_path / "ok", model, meta, half=False)
+    assert train.main(["calibrate", str(tmp_path / "ok"), "--data", data_dir]) == 0
+    written = json.loads((tmp_path / "ok" / "meta.json").read_text())
+    assert written["temperature"] == written["metrics"]["calibration"]["temperature"] != 1.0
+    assert written["metrics"]["val"]["n"] == 6000 and written["commands"][-1].startswith("python train.py")
+    assert (tmp_path / "ok" / "confusion.png").exists()
+
+    save_checkpoint(tmp_path / "other", model, {**meta, "split": {**meta["split"], "fingerprint": "0" * 16}}, half=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["calibrate", str(tmp_path / "other"), "--data", data_dir])
+    assert e.value.code == 2

@@ -170,14 +170,14 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     before = {p.name: p.read_bytes() for p in (out / "figures").glob("*.png")} | {"REPORT.md": report.read_bytes()}
     (out / "figures" / "stale.png").write_bytes(PNG_SIGNATURE)
     from cifar_core.report import build_report
-    build_report(out, root / "checkpoints", root / "runs", data=str(root / "no-such-data"))
+    build_report(out, root / "checkpoints", root / "runs", data_dir=str(root / "no-such-data"))
     after = {p.name: p.read_bytes() for p in (out / "figures").glob("*.png")} | {"REPORT.md": report.read_bytes()}
     assert after == before
 
 
 def test_missing_runs_and_no_checkpoints_still_write_a_report(tmp_path):
     from cifar_core.report import build_report
-    report = build_report(tmp_path / "out", tmp_path / "none", tmp_path / "none", data=str(tmp_path / "none"))
+    report = build_report(tmp_path / "out", tmp_path / "none", tmp_path / "none", data_dir=str(tmp_path / "none"))
     text = report.read_text()
     assert "not run yet: `python train.py --level 3`" in text
     for section in ("Level 2 ablation", "Ensemble (level 4)", "Distillation (level 5)"):
@@ -196,7 +196,7 @@ def test_with_data_samples_and_gradcam(data_dir, tmp_path):
         "format": 1, "temperature": 1.0, "tta": None,
         "members": [{"name": "cifar_cnn", "saved_at": meta["saved_at"], "weight": 1.0}],
         "metrics": {"fitted": {"test": {"accuracy": 0.9, "nll": 0.3, "ece": 0.02}}}}))
-    report = build_report(tmp_path / "results", tmp_path / "checkpoints", tmp_path / "runs", data=data_dir)
+    report = build_report(tmp_path / "results", tmp_path / "checkpoints", tmp_path / "runs", data_dir=data_dir)
     text = report.read_text()
     pngs = {p.name for p in embedded_pngs(report)}
     assert {"samples_cifar_cnn.png", "samples_ensemble.png", "gradcam.png", "curves_cifar_cnn.png",

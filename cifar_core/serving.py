@@ -1,59 +1,49 @@
-"""What the tabs ask of the model zoo, behind one object: load every checkpoint, predict with
-caching, compare, explain, and the int8 ONNX edge models. No Gradio here, so the same calls serve
-the UI, the API and tests.
+"""The serving core: the model zoo behind one thread-safe object (`Lab`) that the demo's tabs, the
+REST API (api/), benchmarks and tests all call. It loads every checkpoint under the checkpoints
+folder (paths.py), predicts with caching, compares, explains, and answers with the int8 ONNX edge
+models. No Gradio and no HTTP here: demo/ and api/ are thin adapters over it.
 
-All model work goes through cifar_core (ensemble, predictor, explain, images, edge); this file only
-caches and shapes results for display.
+The model work itself is in cifar_core (ensemble, predictor, explain, images, edge); this module
+caches (bounded, cachetools) and shapes results for display.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
-from cifar_core.data import CLASSES
-from cifar_core.edge import NO_GRADCAM, EdgeModel, exports_root, load_edge_models, smallest
-from cifar_core.ensemble import DEFAULT_ROOT, FIT_FILE, Ensemble, load_zoo
-from cifar_core.images import decode_for_model
+from . import paths
+from .data import CLASSES
+from .edge import NO_GRADCAM, EdgeModel, load_edge_models, smallest
+from .ensemble import FIT_FILE, Ensemble, load_zoo
+from .images import decode_for_model
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = paths.DEFAULT_ASSETS
 ENSEMBLE = "ensemble"
 
 
-def checkpoints_root() -> Path:
-    """$CIFAR_CHECKPOINTS, else the repo's checkpoints/ (new folders there join without code changes)."""
-    return Path(os.environ.get("CIFAR_CHECKPOINTS") or DEFAULT_ROOT)
+class BoundedCache:
+    """cachetools' LRUCache behind a lock (its caches are not thread-safe; requests arrive on many
+    threads). The results are tiny: 10 floats or a 32x32 map."""
 
-
-class LRU:
-    """A small thread-safe least-recently-used cache (results are tiny: 10 floats or a 32x32 map)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._data: OrderedDict = OrderedDict()
+    def __init__(self, maxsize: int):
+        self._cache: LRUCache = LRUCache(maxsize)
         self._lock = threading.Lock()
 
     def get(self, key):
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        return None
+            return self._cache.get(key)  # a hit counts as a use
 
     def put(self, key, value):
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self._cache[key] = value
         return value
 
 
@@ -99,8 +89,10 @@ class Lab:
 
     def __init__(self, root: str | Path | None = None, assets_dir: str | Path = ASSETS_DIR,
                  exports: str | Path | None = None):
-        self.root = Path(root) if root else checkpoints_root()
-        self.exports_root = Path(exports) if exports else exports_root()
+        # --checkpoints/--exports, else $CIFAR_CHECKPOINTS/$CIFAR_EXPORTS, else the repo's folders
+        # (new checkpoint folders there join without code changes)
+        self.root = paths.checkpoints_dir(root)
+        self.exports_root = paths.exports_dir(exports)
         self.members = load_zoo(self.root)
         if not self.members:
             raise SystemExit(f"no loadable checkpoints under {self.root}: train one (python train.py --level 3 "
@@ -112,12 +104,12 @@ class Lab:
         self.assets_dir = Path(assets_dir)
         self.assets = read_assets(self.assets_dir)
         self.ood_threshold = self._ood_threshold()
-        self._predictions = LRU(512)
-        self._explanations = LRU(2048)
+        self._predictions = BoundedCache(512)
+        self._explanations = BoundedCache(2048)
         self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
         self._edge_lock = threading.Lock()
         self.edge_problems: list[str] = []               # why export files were skipped, for display
-        self._edge_predictions = LRU(512)
+        self._edge_predictions = BoundedCache(512)
 
     @property
     def names(self) -> list[str]:
