@@ -178,7 +178,7 @@ def test_fit_json_round_trip_and_mismatch_fallback(zoo_root, fake_data, tmp_path
 
 def test_train_py_ensemble_writes_the_fit(zoo_root, fake_data, monkeypatch, capsys):
     import train
-    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: fake_data)
+    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data_dir=None, **kw: fake_data)
     monkeypatch.setattr("cifar_core.data.make_split", lambda data, name, seed: SPLIT)
     assert train.main(["ensemble", "--checkpoints", str(zoo_root), "--data", "X", "--tta", "1", "--device", "cpu"]) == 0
     record = read_fit(zoo_root / FIT_FILE)
@@ -202,7 +202,7 @@ def test_level4_fits_the_ensemble_after_training(level, fits, monkeypatch, tmp_p
     calls = []
     monkeypatch.setattr("cifar_core.engine.train", lambda cfg, out_dir, **kw: calls.append(("train", cfg.model))
                         or SimpleNamespace(metrics={}))
-    monkeypatch.setattr(train, "run_ensemble_fit", lambda **kw: calls.append(("fit", kw["root"], kw["data"])) or 0)
+    monkeypatch.setattr(train, "run_ensemble_fit", lambda **kw: calls.append(("fit", kw["root"], kw["data_dir"])) or 0)
     assert train.main(["--level", str(level), "--data", "DATA", "--out", str(tmp_path / "zoo" / "x")]) == 0
     # the zoo the new checkpoint joined (checkpoints/ for the level's own --out) is fitted
     assert calls[0][0] == "train" and (calls[1:] == [("fit", tmp_path / "zoo", "DATA")]) == fits
