@@ -13,6 +13,32 @@ ROOT = Path(__file__).resolve().parent.parent
 keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
 
 
+# `python -m pytest -m "not slow"` is the fast subset (under 2 minutes on the 2-core CPU); the full suite
+# stays the README's test command and CI's. Slow: real training runs, re-measuring the shipped checkpoints
+# on real data, one subprocess or server per case (from `python -m pytest --durations=80`, seconds each).
+SLOW = (
+    "test_shipped.py",                                            # every shipped checkpoint on 6,000 test images
+    "test_training.py",                                           # real training runs, torchrun, resume after kill
+    "test_api.py",                                                # a uvicorn server with a trained zoo
+    "test_train_speed.py",                                        # a real benchmark run
+    "test_optim.py::test_a_short_muon_run_learns",
+    "test_explain.py::test_faithfulness_of_every_shipped_model",
+    "test_frozen.py::test_cached_run_trains_only_the_trunk",
+    "test_export.py::test_onnx_matches_pytorch_and_int8_keeps_accuracy",
+    "test_distill.py::test_short_distilled_run_learns_from_the_teacher",
+    "test_layout.py::test_benchmark_imports_from_any_folder",     # one interpreter per benchmark script
+    "test_demo_api.py::test_both_start_commands_parse",
+    "test_report.py::test_with_data",
+    "test_ensemble.py::test_cli_calibrate",
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.split("tests/", 1)[-1].startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
 def _data_dir():
     folder, _ = paths.data_source()  # $CIFAR10_DIR, else ../shared/data/cifar10 (as every command finds it)
     return folder if folder and Path(folder).is_dir() else None

@@ -79,3 +79,11 @@ def test_imports_read_top_down(package, forbidden):
            for name in imported_packages(p) & forbidden
            if (str(p.relative_to(ROOT)), name) not in ALLOWED_SIDEWAYS]
     assert not bad, f"{package} imports sideways or upwards: {bad}"
+
+
+def test_slow_list_names_existing_tests():
+    from conftest import SLOW
+    for entry in SLOW:
+        file, _, name = entry.partition("::")
+        assert (ROOT / "tests" / file).exists(), entry
+        assert not name or f"def {name}" in (ROOT / "tests" / file).read_text(), f"stale slow entry {entry}"
