@@ -367,9 +367,8 @@ def run_ensemble_fit(root=None, data_dir=None, tta=None, out=None, device="auto"
 
 
 def cmd_report(args, parser) -> int:
-    from cifar_core.paths import checkpoints_dir
     from cifar_core.report import build_report
-    path = build_report(args.out, checkpoints_dir(args.checkpoints), args.runs, args.data)
+    path = build_report(args.out, args.checkpoints, args.runs, args.data)  # resolves --checkpoints (paths.py)
     figures = sorted((path.parent / "figures").glob("*.png"))
     print(f"wrote {path} and {len(figures)} figures under {path.parent / 'figures'}")
     return 0

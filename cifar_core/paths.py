@@ -35,9 +35,10 @@ def exports_dir(flag: str | Path | None = None) -> Path:
     return Path(flag or os.environ.get(EXPORTS_ENV) or DEFAULT_EXPORTS)
 
 
-def data_source(flag: str | Path | None = None, recorded: list | tuple = ()) -> tuple[str | None, str]:
-    """(folder, where it came from) for CIFAR-10: the first of data_sources(); (None, "") if none."""
-    sources = data_sources(flag, recorded)
+def data_source() -> tuple[str | None, str]:
+    """(folder, where it came from) when no --data is given: $CIFAR10_DIR, else the default if it
+    exists; (None, "") if neither."""
+    sources = data_sources()
     return sources[0] if sources else (None, "")
 
 
