@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same recipe, budget, seeds and split; only the teacher differs.")
     d.add_argument("--student", choices=list_models(), default="cifar_cnn_small")
     d.add_argument("--epochs", type=positive_float, default=8.0)
-    d.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets (0-1)")
-    d.add_argument("--temperature", type=positive_float, default=1.0,
+    # Named as TrainConfig's fields: in this project a bare "temperature" is the calibration temperature.
+    # The short spellings of earlier releases still parse.
+    d.add_argument("--distill-alpha", "--alpha", dest="distill_alpha", type=float, default=0.5,
+                   help="weight of the soft targets (0-1]")
+    d.add_argument("--distill-temperature", "--temperature", dest="distill_temperature", type=positive_float,
+                   default=1.0,
                    help="softens teacher and student (the soft term is scaled by T^2; see cifar_core/distill.py)")
     d.add_argument("--teacher", default=None, help="folder of teacher checkpoints, the ensemble (default $CIFAR_CHECKPOINTS or checkpoints/)")
     d.add_argument("--views", type=int, default=0,
@@ -315,8 +319,8 @@ def cmd_distill(args, parser) -> int:
     from cifar_core.distill import distill_pair
     from cifar_core.engine import TrainConfig, apply_settings
 
-    if not 0 < args.alpha <= 1:
-        parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
+    if not 0 < args.distill_alpha <= 1:
+        parser.error(f"--distill-alpha must be in (0, 1], got {args.distill_alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
     try:
         base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else []))
@@ -325,8 +329,8 @@ def cmd_distill(args, parser) -> int:
     teacher_tta = args.teacher_tta if args.teacher_tta is not None else (0 if base.augment.views else 1)
     if base.augment.views and teacher_tta:
         parser.error("--views: the teacher labels each view as shown, so --teacher-tta must be 0")
-    results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed, args.alpha,
-                           args.temperature, args.teacher, teacher_tta=teacher_tta, base=base,
+    results = distill_pair(load_cifar10(args.data), args.out, args.student, args.epochs, args.seed,
+                           args.distill_alpha, args.distill_temperature, args.teacher, teacher_tta=teacher_tta, base=base,
                            progress=not args.no_progress, teacher_cache=args.teacher_cache)
     for role, r in results.items():
         print(f"{args.student} {role}: test accuracy {r.metrics['test']['accuracy']:.4f} ({r.out_dir})")

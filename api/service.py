@@ -1,6 +1,6 @@
-"""What the REST endpoints compute, without HTTP: the demo's Lab (zoo, ensemble, caches,
-Grad-CAM, and the edge models of cifar_core.edge). Errors a client can fix raise ClientError with
-its status."""
+"""What the REST endpoints compute, without HTTP: JSON-shaped answers over the serving core,
+cifar_core.serving.Lab (zoo, ensemble, caches, Grad-CAM, edge models), the same Lab the mounted demo
+uses. Errors a client can fix raise ClientError with its status."""
 from __future__ import annotations
 
 import io

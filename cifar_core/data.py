@@ -21,7 +21,6 @@ from . import paths
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TORCHVISION_DIRNAME = "cifar-10-batches-py"
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 SPLITS = ("seed", "canonical", "official")
 
 

@@ -141,6 +141,23 @@ def test_distill_cli_set_overrides_the_shared_recipe(monkeypatch):
             train.main(["distill", *bad])
 
 
+def test_distill_cli_flags_are_named_as_the_config_fields(monkeypatch, capsys):
+    """--distill-alpha/--distill-temperature reach distill_pair (a bare 'temperature' is the calibration one);
+    the short spellings of earlier releases still parse; an alpha outside (0, 1] is a usage error naming the flag."""
+    import train
+    from cifar_core import distill
+    seen = []
+    monkeypatch.setattr(distill, "distill_pair", lambda data, out, student, epochs, seed, alpha, temperature, *a, **kw:
+                        seen.append((alpha, temperature)) or {})
+    monkeypatch.setattr("cifar_core.data.load_cifar10", lambda data=None: None)
+    assert train.main(["distill", "--distill-alpha", "0.7", "--distill-temperature", "4"]) == 0
+    assert train.main(["distill", "--alpha", "0.25", "--temperature", "2"]) == 0
+    assert seen == [(0.7, 4.0), (0.25, 2.0)]
+    with pytest.raises(SystemExit):
+        train.main(["distill", "--distill-alpha", "0"])
+    assert "--distill-alpha must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
     from types import SimpleNamespace
     from dataclasses import replace

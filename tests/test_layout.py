@@ -87,3 +87,15 @@ def test_slow_list_names_existing_tests():
         file, _, name = entry.partition("::")
         assert (ROOT / "tests" / file).exists(), entry
         assert not name or f"def {name}" in (ROOT / "tests" / file).read_text(), f"stale slow entry {entry}"
+
+
+def test_readme_layout_is_the_map_of_the_tree():
+    """The README's Layout section is the map of record: every cifar_core module and every top-level
+    folder of code is named there, so a newcomer finds where each concern lives."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    modules = [p.stem for p in (ROOT / "cifar_core").glob("*.py") if p.stem != "__init__"]
+    missing = [m for m in modules if not re.search(rf"\b{m}(\.py)?\b", layout)]
+    folders = [d for d in ("cifar_core", "demo", "api", "tests", "benchmarks", "scripts", "checkpoints")
+               if (ROOT / d).is_dir() and f"{d}/" not in layout]
+    assert not missing and not folders, f"README Layout misses modules {missing} / folders {folders}"
