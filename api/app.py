@@ -8,11 +8,13 @@ Every input error is a 4xx with {"detail": "<what to fix>"}; a 5xx means a bug o
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
 from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from cifar_core.images import MAX_FILE_BYTES
@@ -28,6 +30,56 @@ UPLOAD = File(..., description=f"the image (PNG, JPEG, WebP, GIF, BMP, TIFF), at
                                f"{MAX_FILE_BYTES // 2**20} MB")
 MODEL = Query("ensemble", description="'ensemble', a zoo member or an edge (int8) model; see GET /api/v1/models")
 log = logging.getLogger("api")
+
+
+TOO_LARGE = f"the upload is larger than {MAX_FILE_BYTES // 2**20} MB (one image per request)"
+NO_FILE = "send the image as multipart/form-data in a field named 'file'"
+
+
+def describe_invalid(errors) -> str:
+    """FastAPI's validation errors (a list of pydantic dicts) -> one sentence that says what to fix."""
+    parts = []
+    for e in errors:
+        where, *path = e.get("loc") or ("request",)
+        name = ".".join(map(str, path)) or where
+        if where == "body":
+            parts.append(NO_FILE)
+            continue
+        msg = e.get("msg", "is invalid")
+        got = f" (got {e['input']!r})" if "input" in e and e.get("type") != "missing" else ""
+        parts.append(f"{where} parameter {name!r}: {msg[:1].lower()}{msg[1:]}{got}")
+    return "; ".join(dict.fromkeys(parts)) or "the request is invalid"
+
+
+class JsonTooLarge:
+    """Starlette's body limit answers an oversized upload with a plain-text 413 before any route or
+    exception handler runs; the API promises {"detail": ...} for every input error, so this ASGI
+    wrapper rewrites exactly that response (and nothing else) for /api/ paths."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            return await self.app(scope, receive, send)
+        rewritten = False
+
+        async def send_json(message):
+            nonlocal rewritten
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if content_type.startswith(b"text/plain"):
+                    rewritten = True
+                    body = json.dumps({"detail": TOO_LARGE}).encode()
+                    await send({**message, "headers": [(b"content-type", b"application/json"),
+                                                       (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if rewritten and message["type"] == "http.response.body":
+                return  # the plain-text body; ours is already sent
+            await send(message)
+
+        await self.app(scope, receive, send_json)
 
 
 def read_upload(service: ApiService, file: UploadFile):
@@ -81,9 +133,17 @@ def create_app(service: ApiService | None = None, demo: bool | None = None) -> F
                   description="Classify CIFAR-10 classes and explain the decision. The demo UI is at /demo.")
     app.include_router(build_router(service))
 
+    # Expected user errors log one line; anything else is a bug and keeps uvicorn's traceback.
     @app.exception_handler(ClientError)
     def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = describe_invalid(exc.errors())
+        log.info("%s %s -> 422: %s", request.method, request.url.path, detail)
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/healthz", summary="Liveness and what is loaded")
     def healthz() -> dict:
@@ -95,8 +155,9 @@ def create_app(service: ApiService | None = None, demo: bool | None = None) -> F
 
     if demo:
         import gradio as gr
-        from demo.app import build_app
+        from demo.app import build_app, launch_kwargs
         blocks = build_app(service.lab)
-        app = gr.mount_gradio_app(app, blocks, path="/demo", max_file_size=MAX_FILE_BYTES, show_error=True)
+        app = gr.mount_gradio_app(app, blocks, path="/demo", **launch_kwargs())  # as `python -m demo` serves it
     log.info("API ready: models %s, edge %s, demo %s", service.lab.names, list(service.edge), demo)
+    app.add_middleware(JsonTooLarge)
     return app

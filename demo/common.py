@@ -24,22 +24,31 @@ def image_input(label="Image", **kw) -> UploadImage:
     return UploadImage(label=label, type="filepath", sources=["upload", "webcam", "clipboard"], height=280, **kw)
 
 
+def told(error: gr.Error, where: str) -> gr.Error:
+    """An expected error the user is told about: one log line, no traceback on the server's console
+    (Gradio prints one for every gr.Error unless print_exception is off)."""
+    error.print_exception = False
+    log.info("%s: %s", where, error.message)
+    return error
+
+
 def user_errors(fn):
-    """Turn expected failures into a message the user sees (gr.Error), and unexpected ones into a
-    logged traceback plus a short message: the request fails, the app keeps serving."""
+    """Turn expected failures into a message the user sees (gr.Error, logged as one line), and
+    unexpected ones into a logged traceback plus a short message: the request fails, the app keeps serving."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
+        except gr.Error as e:
+            raise told(e, fn.__name__) from None
         except ImageInputError as e:
-            raise gr.Error(f"Could not use this image: {e}") from None
+            raise told(gr.Error(f"Could not use this image: {e}"), fn.__name__) from None
         except (KeyError, ValueError) as e:
-            raise gr.Error(str(e).strip("'\"")) from None
+            raise told(gr.Error(str(e).strip("'\"")), fn.__name__) from None
         except Exception as e:  # noqa: BLE001 - the boundary where nothing may escape
-            log.error("unexpected error in %s:\n%s", fn.__name__, traceback.format_exc())
-            raise gr.Error(f"Internal error ({type(e).__name__}); the app is still running, please try again.") from None
+            log.error("unexpected error in %s:\n%s", fn.__name__, traceback.format_exc())  # a bug: the traceback
+            raise gr.Error(f"Internal error ({type(e).__name__}); the app is still running, please try again.",
+                           print_exception=False) from None
     return wrapper
 
 

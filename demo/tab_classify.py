@@ -10,7 +10,7 @@ import pandas as pd
 from cifar_core.data import CLASSES
 from cifar_core.images import ImageInputError
 
-from .common import confidences, enlarged, image_input, require_image, user_errors
+from .common import confidences, enlarged, image_input, log, require_image, user_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 REPO = Path(__file__).resolve().parent.parent
@@ -42,13 +42,14 @@ def classify(lab, upload):
 
 
 def classify_on_change(lab, upload):
-    """The UI path: a bad upload is explained where the answer would be (a toast alone fades away)."""
+    """The UI path: a bad upload is explained where the answer would be, and the next success replaces
+    it (no toast: one would linger over that next result). The server logs one line, no traceback."""
     if upload is None:  # the image was cleared: clear the outputs, no error
         return None, None, ""
     try:
         return classify(lab, upload)
     except ImageInputError as e:
-        gr.Warning(f"Could not use this image: {e}")
+        log.info("classify: could not use the upload: %s", e)
         return None, None, f"### ❌ Could not use this image\n{e}. Try another file or one of the examples."
 
 

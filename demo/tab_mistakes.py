@@ -52,6 +52,26 @@ class Mistakes:
                                  f"({self.confidence[i]:.2f})") for i in indices]
 
 
+def describe_selection(lab, mistakes: Mistakes, true_choice, pred_choice, shown: int) -> str:
+    """What the gallery shows, in words; above all when it is empty, so an empty gallery is never a puzzle
+    (a diagonal cell holds the images the ensemble got right, which are no mistakes)."""
+    true_c, pred_c = class_index(true_choice), class_index(pred_choice)
+    cm = lab.assets.get("ensemble_test", {}).get("confusion")
+    if true_c is not None and true_c == pred_c:
+        n = f"all {cm[true_c][true_c]}" if cm is not None else "all"
+        return (f"**No mistakes here:** true {CLASSES[true_c]}, predicted {CLASSES[true_c]} is a diagonal cell; "
+                f"the ensemble got {n} of these test images right. Pick another cell to see what it confuses.")
+    what = " and ".join(part for part in (
+        f"true {CLASSES[true_c]}" if true_c is not None else "",
+        f"predicted {CLASSES[pred_c]}" if pred_c is not None else "") if part) or "all classes"
+    if shown:
+        return f"Showing {shown} of the shipped mistakes ({what}). Click an image to see every model on it."
+    made = ""
+    if cm is not None and true_c is not None and pred_c is not None:
+        made = f" The ensemble made {cm[true_c][pred_c]} such mistake(s) on test."
+    return f"**No shipped mistakes for {what}.**{made} The demo ships the {len(mistakes.labels)} most confident ones."
+
+
 def confusion_frame(lab) -> pd.DataFrame:
     cm = lab.assets.get("ensemble_test", {}).get("confusion")
     if cm is None:
@@ -90,6 +110,8 @@ def build_mistakes(lab):
         pred_class = gr.Dropdown([ANY, *CLASSES], value=ANY, label="Predicted class")
     confusion = gr.Dataframe(confusion_frame(lab), label="Ensemble test confusion (click a cell)",
                              interactive=False, elem_id="mistakes-confusion")
+    status = gr.Markdown(describe_selection(lab, mistakes, ANY, ANY, len(mistakes.labels)),
+                         elem_id="mistakes-status")
     gallery = gr.Gallery(mistakes.gallery(range(len(mistakes.labels))), label="Mistakes", columns=8,
                          height=420, allow_preview=False, elem_id="mistakes-gallery")
     with gr.Row():
@@ -100,9 +122,10 @@ def build_mistakes(lab):
 
     def filter_(t, p):
         indices = mistakes.select(t, p)
-        return indices, mistakes.gallery(indices)
+        return indices, mistakes.gallery(indices), describe_selection(lab, mistakes, t, p, len(indices))
     for dropdown in (true_class, pred_class):
-        dropdown.change(user_errors(filter_), [true_class, pred_class], [shown, gallery], api_visibility="private")
+        dropdown.change(user_errors(filter_), [true_class, pred_class], [shown, gallery, status],
+                        api_visibility="private")
 
     def from_cell(evt: gr.SelectData):
         row, col = evt.index

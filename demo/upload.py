@@ -23,11 +23,11 @@ class UploadImage(gr.Image):
         if payload.url and payload.url.startswith("data:"):  # webcam / paste can arrive inline
             encoded = payload.url.split(",", 1)[-1]
             if len(encoded) > MAX_FILE_BYTES * 4 // 3 + 4:
-                raise gr.Error(f"the image is larger than {MAX_FILE_BYTES // 2**20} MB")
+                raise gr.Error(f"the image is larger than {MAX_FILE_BYTES // 2**20} MB", print_exception=False)
             try:
                 return base64.b64decode(encoded, validate=False)
             except ValueError:
-                raise gr.Error("the pasted image data is not valid base64") from None
+                raise gr.Error("the pasted image data is not valid base64", print_exception=False) from None
         if payload.path is None:
-            raise gr.Error("the upload carried no file")
+            raise gr.Error("the upload carried no file", print_exception=False)
         return payload.path

@@ -49,19 +49,26 @@ def tiny_zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zoo):
+def server_log(tiny_zoo) -> Path:
+    """What the server printed (uvicorn's log), read by the tests on logging."""
+    return tiny_zoo / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_zoo, server_log):
     port = free_port()
     env = {**os.environ, "CIFAR_CHECKPOINTS": str(tiny_zoo / "checkpoints"), "CIFAR_EXPORTS": str(tiny_zoo / "exports"),
            "OMP_NUM_THREADS": "1"}
+    log_file = server_log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
                              "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{proc.stdout.read()}")
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{server_log.read_text()}")
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
@@ -78,6 +85,7 @@ def server(tiny_zoo):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
 
 
 def predict(server, data: bytes, name="photo.png", **params):
@@ -155,8 +163,9 @@ def test_too_large_upload_is_413(server):
     from cifar_core.images import MAX_FILE_BYTES
     just_over = predict(server, b"\0" * (MAX_FILE_BYTES + 1))           # within the body limit, over the file limit
     far_over = predict(server, b"\0" * (MAX_FILE_BYTES + 2 * 2**20))    # refused while reading the body
+    # both are JSON, although the second is refused by the body limit before any route runs
     assert just_over.status_code == 413 and "MB" in just_over.json()["detail"], just_over.text
-    assert far_over.status_code == 413, far_over.text
+    assert far_over.status_code == 413 and "MB" in far_over.json()["detail"], far_over.text
 
 
 def test_missing_field_wrong_content_type_and_bad_parameters_are_4xx(server):
@@ -176,4 +185,22 @@ def test_missing_field_wrong_content_type_and_bad_parameters_are_4xx(server):
     ]
     for r in cases:
         assert 400 <= r.status_code < 500, (r.request.url, r.status_code, r.text)
+        if r.request.method == "POST":  # every input error says what to fix, as one string
+            assert isinstance(r.json()["detail"], str) and r.json()["detail"], (r.request.url, r.text)
     assert cases[5].status_code == 404 and "tiny" in cases[5].json()["detail"]
+    # 422s are reworded: which parameter, what it must be, what was sent; a missing file names the field
+    for r in cases[:3]:
+        assert r.status_code == 422 and "field named 'file'" in r.json()["detail"], r.text
+    assert "'top_k'" in cases[3].json()["detail"] and "greater than or equal to 1" in cases[3].json()["detail"]
+    assert "'top_k'" in cases[4].json()["detail"] and "'many'" in cases[4].json()["detail"]
+
+
+def test_user_errors_log_no_traceback(server, server_log):
+    """A corrupt file or a bad parameter is the user's mistake: the server logs a line, not a traceback."""
+    assert predict(server, b"not an image").status_code == 400
+    assert predict(server, png_bytes(), top_k=0).status_code == 422
+    from cifar_core.images import MAX_FILE_BYTES
+    assert predict(server, b"\0" * (MAX_FILE_BYTES + 2 * 2**20)).status_code == 413
+    time.sleep(0.5)  # let the server flush its log
+    log = server_log.read_text()
+    assert "POST /api/v1/predict" in log and "Traceback" not in log, log[-3000:]

@@ -112,9 +112,12 @@ def test_predict_on_shipped_examples(client):
 @pytest.mark.parametrize("name,message", [
     ("notes.txt", "not an image"), ("empty.png", "empty"), ("truncated.jpg", "damaged or incomplete"),
     ("bomb.png", "too large|limit")])
-def test_bad_uploads_give_a_clear_error_and_the_app_survives(client, files, name, message):
+def test_bad_uploads_give_a_clear_error_and_the_app_survives(client, files, name, message, capfd):
+    capfd.readouterr()
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(str(files[name])), api_name="/predict")
+    # the user's mistake is not a server fault: Gradio prints no traceback for it (the server runs in this process)
+    assert "Traceback" not in capfd.readouterr().err
     label, _, _ = client.predict(handle_file(str(files["photo.png"])), api_name="/predict")
     assert label["label"] in CLASSES
 
@@ -291,3 +294,20 @@ def test_the_shipped_app_recognizes_the_shipped_cifar_examples():
             label, _, notice = client.predict(handle_file(path), api_name="/predict")
             correct += label["label"] == Path(path).stem.removeprefix("cifar_")
         assert correct >= 8, f"the shipped ensemble got {correct}/10 shipped CIFAR examples right"
+
+
+def test_mistakes_selection_is_described_even_when_empty():
+    """The Mistakes gallery says what it shows; a diagonal cell (no mistakes) says the ensemble got them right."""
+    from types import SimpleNamespace
+    from demo.tab_mistakes import describe_selection
+    cm = [[0] * 10 for _ in range(10)]
+    cm[3][3], cm[3][5], cm[5][3] = 840, 47, 0
+    lab = SimpleNamespace(assets={"ensemble_test": {"confusion": cm}})
+    mistakes = SimpleNamespace(labels=np.zeros(96))
+    assert "got all 840 of these test images right" in describe_selection(lab, mistakes, "cat", "cat", 0)
+    assert describe_selection(lab, mistakes, "cat", "dog", 12).startswith("Showing 12")
+    empty = describe_selection(lab, mistakes, "dog", "cat", 0)
+    assert "No shipped mistakes for true dog and predicted cat" in empty and "made 0 such" in empty
+    assert "all classes" in describe_selection(lab, mistakes, "any", "any", 96)
+    no_assets = SimpleNamespace(assets={})
+    assert "got all of these" in describe_selection(no_assets, mistakes, "cat", "cat", 0)

@@ -3,6 +3,7 @@
 Needs `apt-get install chromium` (the test skips when /usr/bin/chromium is missing, and fails in CI
 where CI=true). Screenshots go to test-artifacts/ for a human to look at.
 """
+import json
 import os
 import re
 import shutil
@@ -171,7 +172,13 @@ def test_mistakes_tab_filters_and_inspects(page):
     assert f"true {CLASSES[t]} → {CLASSES[p]}" in captions
     others = {f"true {c} " for c in CLASSES if c != CLASSES[t]}
     assert not any(o in captions for o in others)
+    playwright.expect(page.locator("#mistakes-status")).to_contain_text(f"true {CLASSES[t]} and predicted {CLASSES[p]}")
     gallery.first.click()
     playwright.expect(page.locator("#mistake-models")).to_contain_text("ensemble")
     playwright.expect(page.locator("#mistake-cams img").first).to_be_visible()
     shot(page, "6_mistakes")
+    # a diagonal cell holds no mistakes: the gallery empties and says why, with the count
+    cm = json.loads((ROOT / "demo" / "assets" / "assets.json").read_text())["ensemble_test"]["confusion"]
+    page.locator(f"#mistakes-confusion [data-testid='cell-{t}-{1 + t}']").click()
+    playwright.expect(page.locator("#mistakes-status")).to_contain_text(f"got all {cm[t][t]} of these test images right")
+    playwright.expect(page.locator("#mistakes-gallery img")).to_have_count(0)
