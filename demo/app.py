@@ -1,4 +1,4 @@
-"""The CIFAR-10 lab demo: `python -m demo` (or `python demo/app.py`).
+"""The CIFAR-10 lab demo: `python -m demo` (or `python app.py` in the repository root, as Spaces starts it).
 
 Five tabs over whatever checkpoints exist under checkpoints/ (or $CIFAR_CHECKPOINTS), plus the int8
 ONNX edge models under exports/ (or $CIFAR_EXPORTS) as an option of the Classify tab. Named API
@@ -9,23 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python demo/app.py` (Spaces): import the repo as `python -m demo` would,
-    # and not demo/ itself, whose module names (common, testing, upload) could shadow libraries'
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import gradio as gr
 
-import gradio as gr  # noqa: E402
-
-from cifar_core.images import MAX_FILE_BYTES  # noqa: E402
-from cifar_core.serving import Lab  # noqa: E402
-from demo.tab_classify import build_classify, build_compare, example_files  # noqa: E402
-from demo.tab_gradcam import build_gradcam  # noqa: E402
-from demo.tab_metrics import build_metrics  # noqa: E402
-from demo.tab_mistakes import build_mistakes  # noqa: E402
+from cifar_core.images import MAX_FILE_BYTES
+from cifar_core.serving import Lab
+from demo.tab_classify import build_classify, build_compare, example_files
+from demo.tab_gradcam import build_gradcam
+from demo.tab_metrics import build_metrics
+from demo.tab_mistakes import build_mistakes
 
 QUEUE_SIZE = 32         # waiting requests beyond this are refused with "Queue is full" shown to the user
 WORKERS = 2             # model requests run at once (2 cores); each model also serializes on its own lock
@@ -77,6 +71,3 @@ def main(argv=None) -> None:
     threading.Thread(target=lab.warm_up, args=(example_files(),), daemon=True, name="warm-up").start()
     app.block_thread()
 
-
-if __name__ == "__main__":
-    main()

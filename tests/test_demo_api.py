@@ -258,9 +258,9 @@ def test_full_queue_is_reported(lab, files):
         assert len(errors) < len(jobs)  # the ones that got in were answered
 
 
-@pytest.mark.parametrize("command", [["-m", "demo"], ["demo/app.py"]])
+@pytest.mark.parametrize("command", [["-m", "demo"], ["app.py"]])
 def test_both_start_commands_parse(command):
-    """`python -m demo` and `python demo/app.py` (how Spaces starts it) import the same app."""
+    """`python -m demo` and `python app.py` (how Spaces starts it: README's app_file) import the same app."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, *command, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

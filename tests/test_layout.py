@@ -22,7 +22,7 @@ def tracked_python_files() -> list[Path]:
 def test_no_script_edits_sys_path():
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in tracked_python_files()
                  for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if re.search(r"sys\.path\.(insert|append)\(", line)]
+                 if re.search(r"sys\.path\.(insert|append|extend)\(|sys\.path\[.*\]\s*=", line)]
     assert not offenders, f"sys.path edits (the package is installed instead): {offenders}"
 
 
