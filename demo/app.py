@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -45,8 +46,13 @@ def build_app(lab: Lab, queue_size: int = QUEUE_SIZE, workers: int = WORKERS) ->
     return app
 
 
+HERE = Path(__file__).resolve().parent
+
+
 def launch_kwargs(**overrides) -> dict:
-    kw = dict(max_file_size=MAX_FILE_BYTES, show_error=True, theme=gr.themes.Soft())
+    """How the demo is served, by `python -m demo` and when mounted under the REST API alike."""
+    kw = dict(max_file_size=MAX_FILE_BYTES, show_error=True, theme=gr.themes.Soft(),
+              css_paths=[HERE / "style.css"], head=(HERE / "head.html").read_text())
     kw.update(overrides)
     return kw
 

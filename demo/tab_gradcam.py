@@ -43,11 +43,14 @@ def build_gradcam(lab, image, tab):
         models = gr.CheckboxGroup(lab.names, value=lab.names, label="Models")
         method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method")
         target = gr.Dropdown([PREDICTED, *CLASSES], value=PREDICTED, label="Target class")
-    with gr.Row():
-        opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Map opacity")
-        shared = gr.Checkbox(False, label="Shared colour scale across models")
-        with_ensemble = gr.Checkbox(True, label="Add the ensemble's map")
-        button = gr.Button("Explain", variant="primary")
+    with gr.Row():  # columns with min widths: on a phone the row wraps instead of squeezing the labels
+        with gr.Column(min_width=220):
+            opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Map opacity")
+        with gr.Column(min_width=220):
+            shared = gr.Checkbox(False, label="Shared colour scale across models")
+            with_ensemble = gr.Checkbox(True, label="Add the ensemble's map")
+        with gr.Column(min_width=220):
+            button = gr.Button("Explain", variant="primary")
     with gr.Row():
         gallery = gr.Gallery(label="Overlays", columns=4, height=300, object_fit="contain", format="png", preview=False,
                              elem_id="cam-gallery")

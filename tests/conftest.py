@@ -28,6 +28,7 @@ SLOW = (
     "test_distill.py::test_short_distilled_run_learns_from_the_teacher",
     "test_layout.py::test_benchmark_imports_from_any_folder",     # one interpreter per benchmark script
     "test_demo_api.py::test_both_start_commands_parse",
+    "test_demo_browser.py::test_layout_reads_in_full_at_desktop_and_phone_width",  # every tab at two widths
     "test_report.py::test_with_data",
     "test_ensemble.py::test_cli_calibrate",
 )

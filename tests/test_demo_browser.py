@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from collections import Counter
@@ -182,3 +183,96 @@ def test_mistakes_tab_filters_and_inspects(page):
     page.locator(f"#mistakes-confusion [data-testid='cell-{t}-{1 + t}']").click()
     playwright.expect(page.locator("#mistakes-status")).to_contain_text(f"got all {cm[t][t]} of these test images right")
     playwright.expect(page.locator("#mistakes-gallery img")).to_have_count(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout at a desktop and a phone width (issue 24): assertions on text and boxes, never on pixels
+# ---------------------------------------------------------------------------------------------
+
+def goto_tab(page, name):
+    """Tabs that don't fit (a phone) move into Gradio's "More tabs" menu."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+    else:
+        page.get_by_role("button", name="More tabs").click()
+        page.locator(".overflow-dropdown button", has_text=name).click()
+
+
+CUT_CAPTIONS = """sel => Array.from(document.querySelectorAll(sel + ' .caption-label')).filter(c => {
+  const img = c.parentElement.querySelector('img').getBoundingClientRect(), box = c.getBoundingClientRect();
+  return c.scrollWidth > c.clientWidth + 1 || box.top < img.bottom - 1;  // cut, or drawn over the picture
+}).map(c => c.innerText)"""
+COVERED = """([labelSel, contentSel]) => {
+  const label = document.querySelector(labelSel), content = document.querySelector(contentSel);
+  if (!label || !content) return 'missing: ' + (label ? contentSel : labelSel);
+  const a = label.getBoundingClientRect(), b = content.getBoundingClientRect();
+  return a.right > b.left && b.right > a.left && a.bottom > b.top && b.bottom > a.top;
+}"""
+BROKEN_WORDS = """sel => Array.from(document.querySelectorAll(sel + ' td, ' + sel + ' th')).filter(td => {
+  const text = td.innerText.trim();
+  if (!text || /\\s/.test(text)) return false;               // only one-word cells: they must stay on one line
+  const range = document.createRange(); range.selectNodeContents(td);
+  return new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top))).size > 1;
+}).map(td => td.innerText.trim())"""
+
+
+def settled(page, js, arg, want, seconds=10.0):
+    """A layout check retried until the page settles (images load, fonts apply), as expect() retries; the
+    last value comes back for the assertion message."""
+    deadline = time.monotonic() + seconds
+    while (got := page.evaluate(js, arg)) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width):
+    context = browser.new_context(viewport={"width": width, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    page.goto(url)
+    page.wait_for_selector("#upload input[type=file]", state="attached")
+    try:
+        # a 32x32 upload is shown enlarged (nearest neighbour, said under it), not as a thumbnail in an empty box
+        upload(page, EXAMPLE)
+        top_label(page)
+        playwright.expect(page.locator("#upload")).to_have_class(re.compile("small-upload"))
+        side = "() => { const r = document.querySelector('#upload img').getBoundingClientRect(); " \
+               "return Math.min(r.width, r.height) >= 150 || [r.width, r.height]; }"
+        assert settled(page, side, None, True) is True
+        rendering = "() => getComputedStyle(document.querySelector('#upload img')).imageRendering"
+        assert settled(page, rendering, None, "pixelated") == "pixelated"
+        # component labels sit above their content: the top-5 headings stay visible, in edge mode too
+        assert settled(page, COVERED, ["#top5 [data-testid='block-label']", "#top5 h2, #top5 .output-class"], False) is False
+        page.locator("#serve").get_by_text("edge (int8 ONNX)").click()
+        playwright.expect(page.locator("#edge-top5 h2, #edge-top5 .output-class").first).to_have_text(ANY_CLASS)
+        for panel in ("#top5", "#edge-top5"):
+            assert settled(page, COVERED, [f"{panel} [data-testid='block-label']",
+                                           f"{panel} h2, {panel} .output-class"], False) is False, panel
+        shot(page, f"w{width}_1_classify_edge")
+        page.locator("#serve").get_by_text("full ensemble (PyTorch)").click()
+
+        goto_tab(page, "Compare models")
+        playwright.expect(page.locator("#compare-table")).to_contain_text("ensemble")
+        shot(page, f"w{width}_2_compare")
+
+        goto_tab(page, "Grad-CAM")
+        playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
+        playwright.expect(page.locator("#cam-gallery .caption-label").last).to_contain_text("ensemble")
+        assert settled(page, CUT_CAPTIONS, "#cam-gallery", []) == []
+        shot(page, f"w{width}_3_gradcam")
+
+        goto_tab(page, "Training metrics")
+        playwright.expect(page.locator("#confusion-plot img")).to_be_visible()
+        assert settled(page, COVERED, ["#confusion-plot [data-testid='block-label']", "#confusion-plot img"], False) is False
+        playwright.expect(page.locator("#levels-table td").first).to_be_visible()
+        assert settled(page, BROKEN_WORDS, "#levels-table", []) == []
+        shot(page, f"w{width}_4_metrics")
+
+        goto_tab(page, "Mistakes")
+        playwright.expect(page.locator("#mistakes-gallery img").first).to_be_visible()
+        assert settled(page, CUT_CAPTIONS, "#mistakes-gallery", []) == []
+        shot(page, f"w{width}_5_mistakes")
+    finally:
+        context.close()
