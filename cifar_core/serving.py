@@ -211,9 +211,11 @@ class Lab:
 
     def explain(self, image: torch.Tensor, models: list[str], method: str, target: int | None,
                 alpha: float = 0.5, shared: bool = False, with_ensemble: bool = True,
-                size: int = 256) -> list[tuple[np.ndarray, str]]:
+                size: int = 256, progress=None) -> list[tuple[np.ndarray, str]]:
         """(overlay RGB, caption) per chosen model (+ the ensemble's weighted map), all for one class:
-        `target`, or the ensemble's predicted class when None."""
+        `target`, or the ensemble's predicted class when None. `progress(done, total, model)` is called
+        before each model's map (a slow method runs for seconds per model); each model's lock is held only
+        for its own map, so other requests interleave instead of waiting for the whole run."""
         from cifar_core.explain import ensemble_map, normalize_maps, overlay
         unknown = [m for m in models if m not in self.by_name]
         if unknown:
@@ -224,7 +226,11 @@ class Lab:
             raise KeyError(f"unknown model(s) {unknown}; loaded: {self.names}")
         if target is None:
             target = self.predict(image).top
-        explanations = [self.explanation(image, m, method, target) for m in models]
+        explanations = []
+        for i, m in enumerate(models):
+            if progress is not None:
+                progress(i, len(models), m)
+            explanations.append(self.explanation(image, m, method, target))
         maps = normalize_maps([e.cam for e in explanations], shared=shared)
         tiles = [(overlay(image, m, alpha, size), f"{e.model}: {CLASSES[e.target]} p={e.probability:.2f}")
                  for e, m in zip(explanations, maps)]

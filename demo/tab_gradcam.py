@@ -15,8 +15,14 @@ from .common import PREDICTED, class_index, confidences, enlarged, require_image
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam")
 
 
+# Score-CAM runs a forward pass per activation channel of the CAM layer: tens of seconds per image on a
+# 2-core CPU where the gradient methods take about a second. Said where the method is picked, before it runs.
+SLOW_METHODS = {"scorecam": "slow on CPU: a forward pass per feature channel, about 30 s per image"}
+METHOD_INFO = "; ".join(f"{m} is {why}" for m, why in SLOW_METHODS.items()) + "; the others take about a second"
+
+
 def explain(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5, shared=False,
-            with_ensemble=True):
+            with_ensemble=True, progress=None):
     """-> (gallery: the input, then (overlay, caption) per model and the ensemble; the ensemble's
     prediction as a clickable label)."""
     if method not in CAM_METHODS:
@@ -28,8 +34,13 @@ def explain(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5
         raise gr.Error(f"opacity must be between 0 and 1, got {opacity}")
     image = require_image(lab, upload)
     # The input first: the maps are read against it (and a one-tile gallery would open in preview mode).
-    tiles = [(enlarged(image, 256), "input (what the models see)")] + lab.explain(image, models, method, class_index(target), alpha=float(opacity), shared=bool(shared),
-                        with_ensemble=bool(with_ensemble))
+    def step(done, total, model):
+        if progress is not None:
+            progress((done, total), desc=f"{method}: {model}" + (f" ({SLOW_METHODS[method]})"
+                                                                   if method in SLOW_METHODS else ""))
+    tiles = [(enlarged(image, 256), "input (what the models see)")] + lab.explain(
+        image, models, method, class_index(target), alpha=float(opacity), shared=bool(shared),
+        with_ensemble=bool(with_ensemble), progress=step)
     return tiles, confidences(lab.predict(image).probs)
 
 
@@ -41,7 +52,8 @@ def build_gradcam(lab, image, tab):
                     "The maps here are those of the full PyTorch models.", elem_id="cam-edge-note")
     with gr.Row():
         models = gr.CheckboxGroup(lab.names, value=lab.names, label="Models")
-        method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method")
+        method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method", info=METHOD_INFO,
+                             elem_id="cam-method")
         target = gr.Dropdown([PREDICTED, *CLASSES], value=PREDICTED, label="Target class")
     with gr.Row():  # columns with min widths: on a phone the row wraps instead of squeezing the labels
         with gr.Column(min_width=220):
@@ -58,15 +70,25 @@ def build_gradcam(lab, image, tab):
                               elem_id="cam-label")
     inputs = [image, models, method, target, opacity, shared, with_ensemble]
     outputs = [gallery, prediction]
-    fn = user_errors(lambda *a: explain(lab, *a))
+    def run(upload, models, method, target, opacity, shared, with_ensemble, progress=gr.Progress()):
+        return explain(lab, upload, models, method, target, opacity, shared, with_ensemble, progress=progress)
+    fn = user_errors(run)
     button.click(fn, inputs, outputs, api_name="explain", concurrency_id="models")
 
-    def refresh(upload, *rest):  # UI-driven updates: quietly do nothing until there is an image
-        return fn(upload, *rest) if upload is not None else (gr.skip(), gr.skip())
+    def refresh(upload, models, method, target, opacity, shared, with_ensemble, progress=gr.Progress()):
+        """UI-driven updates: quietly do nothing until there is an image."""
+        if upload is None:
+            return gr.skip(), gr.skip()
+        return fn(upload, models, method, target, opacity, shared, with_ensemble, progress=progress)
     tab.select(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
-    for control in (models, method, target, shared, with_ensemble):
+    # One user action, one job: a Dropdown's `input` fires twice per pick in Gradio 6.31 (both queue a full
+    # Grad-CAM run, ~30 s for scorecam on CPU), so dropdowns listen to `select` (user picks only).
+    for control in (models, shared, with_ensemble):
         control.input(refresh, inputs, outputs, api_visibility="private", concurrency_id="models",
                       trigger_mode="always_last")
+    for control in (method, target):
+        control.select(refresh, inputs, outputs, api_visibility="private", concurrency_id="models",
+                       trigger_mode="always_last")
     opacity.release(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
 
     def retarget(evt: gr.SelectData):

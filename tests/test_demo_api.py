@@ -311,3 +311,11 @@ def test_mistakes_selection_is_described_even_when_empty():
     assert "all classes" in describe_selection(lab, mistakes, "any", "any", 96)
     no_assets = SimpleNamespace(assets={})
     assert "got all of these" in describe_selection(no_assets, mistakes, "cat", "cat", 0)
+
+
+def test_explain_reports_progress_per_model(lab, files):
+    """Lab.explain calls progress before each model's map (the demo shows it, a slow method runs for seconds)."""
+    calls = []
+    image = lab.decode(files["photo.png"].read_bytes())
+    tiles = lab.explain(image, MODELS, "gradcam", None, progress=lambda done, total, model: calls.append((done, total, model)))
+    assert calls == [(0, 2, "fake_0"), (1, 2, "fake_1")] and len(tiles) == 3

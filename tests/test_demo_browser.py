@@ -276,3 +276,20 @@ def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width):
         shot(page, f"w{width}_5_mistakes")
     finally:
         context.close()
+
+
+def test_one_method_pick_queues_one_job_and_slow_methods_say_so(page):
+    """Picking a Grad-CAM method queues one Grad-CAM run, not two (a duplicate scorecam run held the model
+    locks for ~30 s); the picker says which method is slow on CPU before it runs."""
+    upload(page, EXAMPLE)
+    top_label(page)
+    page.get_by_role("tab", name="Grad-CAM").click()
+    playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
+    playwright.expect(page.locator("#cam-method")).to_contain_text("scorecam is slow on CPU")
+    joins = []
+    page.on("request", lambda r: joins.append(r.post_data) if "/queue/join" in r.url else None)
+    with page.expect_response(lambda r: "/queue/join" in r.url):
+        page.get_by_label("Method").click()
+        page.get_by_role("option", name="layercam").click()
+    page.wait_for_timeout(2000)  # a duplicate is sent within milliseconds of the first; allow it to show
+    assert len(joins) == 1, joins
