@@ -152,10 +152,18 @@ def test_bad_upload_shows_a_message_and_the_next_upload_works(page, tmp_path):
     bad.write_bytes(b"this is text pretending to be a PNG")
     upload(page, bad)
     playwright.expect(page.locator("#ood-notice")).to_contain_text("not an image we can read")
+    # the message is where the result would be: no toast over the page, no broken-image icon in the box
+    playwright.expect(page.locator("#upload")).to_have_class(re.compile("unreadable"))
+    playwright.expect(page.locator("#upload img").first).to_be_hidden()
+    playwright.expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
     shot(page, "5_bad_upload")
     page.locator("#upload button[aria-label='Remove Image']").click()
     upload(page, EXAMPLE)
     assert top_label(page) in CLASSES
+    # the next success replaces the message
+    playwright.expect(page.locator("#ood-notice")).not_to_contain_text("Could not use this image")
+    playwright.expect(page.locator("#upload")).not_to_have_class(re.compile("unreadable"))
+    playwright.expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
 
 
 def test_mistakes_tab_filters_and_inspects(page):
@@ -227,13 +235,23 @@ def settled(page, js, arg, want, seconds=10.0):
 
 
 @pytest.mark.parametrize("width", [1400, 390])
-def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width):
+def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width, tmp_path):
+    """Issue 24's points at a desktop and a phone width, one tab after another, a screenshot of each."""
     context = browser.new_context(viewport={"width": width, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
     page.goto(url)
     page.wait_for_selector("#upload input[type=file]", state="attached")
     try:
+        # a bad upload: its message where the result would be, no toast, no broken-image icon (point 4)
+        bad = tmp_path / "not-an-image.png"
+        bad.write_bytes(b"this is text pretending to be a PNG")
+        upload(page, bad)
+        playwright.expect(page.locator("#ood-notice")).to_contain_text("not an image we can read")
+        playwright.expect(page.locator("#upload img").first).to_be_hidden()
+        playwright.expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
+        shot(page, f"w{width}_0_bad_upload")
+        page.locator("#upload button[aria-label='Remove Image']").click()
         # a 32x32 upload is shown enlarged (nearest neighbour, said under it), not as a thumbnail in an empty box
         upload(page, EXAMPLE)
         top_label(page)
@@ -262,6 +280,13 @@ def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width):
         playwright.expect(page.locator("#cam-gallery .caption-label").last).to_contain_text("ensemble")
         assert settled(page, CUT_CAPTIONS, "#cam-gallery", []) == []
         shot(page, f"w{width}_3_gradcam")
+        joins = []  # one method pick, one queued job (point 3)
+        page.on("request", lambda r: joins.append(r.url) if "/queue/join" in r.url else None)
+        with page.expect_response(lambda r: "/queue/join" in r.url):
+            page.get_by_label("Method").click()
+            page.get_by_role("option", name="layercam").click()
+        page.wait_for_timeout(2000)
+        assert len(joins) == 1, joins
 
         goto_tab(page, "Training metrics")
         playwright.expect(page.locator("#confusion-plot img")).to_be_visible()
@@ -274,6 +299,9 @@ def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width):
         playwright.expect(page.locator("#mistakes-gallery img").first).to_be_visible()
         assert settled(page, CUT_CAPTIONS, "#mistakes-gallery", []) == []
         shot(page, f"w{width}_5_mistakes")
+        page.locator("#mistakes-confusion [data-testid='cell-3-4']").click()  # cat -> cat: a diagonal cell (point 5)
+        playwright.expect(page.locator("#mistakes-status")).to_contain_text("of these test images right")
+        playwright.expect(page.locator("#mistakes-gallery img")).to_have_count(0)
     finally:
         context.close()
 
