@@ -104,6 +104,9 @@ METHODS: dict[str, type] = {
     "eigencam": _EigenCAM,
     "scorecam": _ScoreCAM,
 }
+# Methods that run a forward pass per feature channel: tens of seconds per image on a 2-core CPU. The serving
+# core runs them on a private copy of each model, so they never hold the model that other requests need.
+SLOW_METHODS = frozenset({"scorecam"})
 
 
 def _vit_grid(model):

@@ -110,6 +110,8 @@ class Lab:
         self._edge_lock = threading.Lock()
         self.edge_problems: list[str] = []               # why export files were skipped, for display
         self._edge_predictions = BoundedCache(512)
+        self._slow_explainers: dict[str, object] = {}  # model name -> Predictor over a private copy
+        self._slow_lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
@@ -207,15 +209,31 @@ class Lab:
         cached = self._explanations.get(key)
         if cached is not None:
             return cached
-        return self._explanations.put(key, explain(self.by_name[model].predictor, image, method, int(target)))
+        return self._explanations.put(key, explain(self._explainer(model, method), image, method, int(target)))
+
+    def _explainer(self, model: str, method: str):
+        """The Predictor a method runs on. A slow method (Score-CAM: seconds per model) gets a private copy of
+        the model, made once, with its own lock: predictions, fast maps and other tabs meanwhile use the
+        served model instead of waiting for the slow run to finish."""
+        from cifar_core.explain import SLOW_METHODS
+        served = self.by_name[model].predictor
+        if method not in SLOW_METHODS:
+            return served
+        with self._slow_lock:
+            if model not in self._slow_explainers:
+                import copy
+                from cifar_core.predictor import Predictor
+                self._slow_explainers[model] = Predictor(copy.deepcopy(served.model), served.spec, served.tta,
+                                                         served.temperature, name=served.name)
+            return self._slow_explainers[model]
 
     def explain(self, image: torch.Tensor, models: list[str], method: str, target: int | None,
                 alpha: float = 0.5, shared: bool = False, with_ensemble: bool = True,
                 size: int = 256, progress=None) -> list[tuple[np.ndarray, str]]:
         """(overlay RGB, caption) per chosen model (+ the ensemble's weighted map), all for one class:
         `target`, or the ensemble's predicted class when None. `progress(done, total, model)` is called
-        before each model's map (a slow method runs for seconds per model); each model's lock is held only
-        for its own map, so other requests interleave instead of waiting for the whole run."""
+        before each model's map (a slow method runs for seconds per model, on a private copy of the model: see
+        _explainer)."""
         from cifar_core.explain import ensemble_map, normalize_maps, overlay
         unknown = [m for m in models if m not in self.by_name]
         if unknown:

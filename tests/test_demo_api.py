@@ -79,9 +79,43 @@ def files(tmp_path_factory):
 
 
 def test_method_list_matches_cifar_core():
-    from cifar_core.explain import METHODS
-    from demo.tab_gradcam import CAM_METHODS
+    from cifar_core.explain import METHODS, SLOW_METHODS
+    from demo.tab_gradcam import CAM_METHODS, SLOW_METHODS as SAID_SLOW
     assert list(CAM_METHODS) == list(METHODS)
+    assert set(SAID_SLOW) == SLOW_METHODS  # the picker warns about exactly the methods that run apart
+
+
+def test_a_slow_cam_run_does_not_hold_the_served_models(lab, files, monkeypatch):
+    """While Score-CAM runs (blocked here until released), a prediction and a fast Grad-CAM of the same
+    model still answer: the slow method runs on a private copy of the model, with its own lock."""
+    import threading
+    from cifar_core import explain as explain_module
+    real_explain, started, release = explain_module.explain, threading.Event(), threading.Event()
+
+    def slow_explain(predictor, image, method, target):
+        if method == "scorecam":
+            with predictor.lock:  # as the real one holds it for its whole run
+                started.set()
+                assert release.wait(60)
+        return real_explain(predictor, image, method, target)
+    monkeypatch.setattr(explain_module, "explain", slow_explain)
+    image = lab.decode(files["photo.jpg"].read_bytes())
+    other = lab.decode(files["photo.png"].read_bytes())
+    slow = threading.Thread(target=lab.explanation, args=(image, "fake_0", "scorecam", 0))
+    slow.start()
+    try:
+        assert started.wait(30)
+        done = threading.Event()
+        fast = threading.Thread(target=lambda: (lab.predict(other), lab.explanation(other, "fake_0", "gradcam", 1),
+                                                done.set()))
+        fast.start()
+        assert done.wait(60), "the served model waited for the slow run"
+        assert slow.is_alive()  # the slow run was still going all along
+    finally:
+        release.set()
+        slow.join(60)
+    assert lab._explainer("fake_0", "scorecam").model is not lab.by_name["fake_0"].predictor.model
+    assert lab._explainer("fake_0", "gradcam") is lab.by_name["fake_0"].predictor
 
 
 def test_only_the_named_endpoints_are_public(client):
