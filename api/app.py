@@ -142,8 +142,12 @@ def create_app(service: ApiService | None = None, demo: bool | None = None) -> F
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = describe_invalid(exc.errors())
-        log.info("%s %s -> 422: %s", request.method, request.url.path, detail)
-        return JSONResponse({"detail": detail}, status_code=422)
+        content_type = request.headers.get("content-type", "")
+        # a body that is not a form at all (JSON, raw bytes) is the wrong media type, not a missing field
+        status = 415 if request.method == "POST" and content_type and \
+            not content_type.startswith("multipart/form-data") else 422
+        log.info("%s %s -> %d: %s", request.method, request.url.path, status, detail)
+        return JSONResponse({"detail": detail}, status_code=status)
 
     @app.get("/healthz", summary="Liveness and what is loaded")
     def healthz() -> dict:
