@@ -29,7 +29,9 @@ FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 1024}
 UPLOAD = File(..., description=f"the image (PNG, JPEG, WebP, GIF, BMP, TIFF), at most "
                                f"{MAX_FILE_BYTES // 2**20} MB")
 MODEL = Query("ensemble", description="'ensemble', a zoo member or an edge (int8) model; see GET /api/v1/models")
-log = logging.getLogger("api")
+# A child of uvicorn's error logger: uvicorn's default logging config prints it (INFO), where a logger of our
+# own would have no handler and its one-line notes on user errors would vanish.
+log = logging.getLogger("uvicorn.error").getChild("api")
 
 
 TOO_LARGE = f"the upload is larger than {MAX_FILE_BYTES // 2**20} MB (one image per request)"

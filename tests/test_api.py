@@ -205,3 +205,5 @@ def test_user_errors_log_no_traceback(server, server_log):
     time.sleep(0.5)  # let the server flush its log
     log = server_log.read_text()
     assert "POST /api/v1/predict" in log and "Traceback" not in log, log[-3000:]
+    # one line each, saying what was wrong
+    assert "/api/v1/predict -> 400: " in log and "/api/v1/predict -> 422: " in log, log[-3000:]
