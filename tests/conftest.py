@@ -30,6 +30,8 @@ SLOW = (
     "test_demo_api.py::test_both_start_commands_parse",
     "test_demo_browser.py::test_layout_reads_in_full_at_desktop_and_phone_width",  # every tab at two widths
     "test_report.py::test_with_data",
+    "test_report.py::test_tables_equal_the_meta_values_without_data",  # renders every figure of the report
+    "test_demo_api.py::test_the_shipped_app_recognizes_the_shipped_cifar_examples",  # loads the shipped zoo
     "test_ensemble.py::test_cli_calibrate",
 )
 
