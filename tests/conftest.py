@@ -10,6 +10,15 @@ from cifar_core.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, for tests of its tables and configurations."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
 
 

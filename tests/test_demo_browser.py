@@ -50,8 +50,9 @@ def browser(url):
 
 
 @pytest.fixture
-def page(browser, url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def page(browser, url, request):
+    """A fresh page at 1400 px, or at the width a test passes (parametrize "page" indirectly)."""
+    context = browser.new_context(viewport={"width": getattr(request, "param", 1400), "height": 1000})
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT)
     pg.goto(url)
@@ -147,15 +148,31 @@ def test_edge_option_serves_the_int8_model_next_to_the_ensemble(page):
     playwright.expect(page.locator("#edge-panel")).to_be_hidden()
 
 
-def test_bad_upload_shows_a_message_and_the_next_upload_works(page, tmp_path):
-    bad = tmp_path / "notes.png"
+def upload_bad_file(page, folder):
+    """Upload a text file named .png: its message is where the result would be, with no toast over the page
+    and no broken-image icon in the upload box."""
+    bad = folder / "notes.png"
     bad.write_bytes(b"this is text pretending to be a PNG")
     upload(page, bad)
     playwright.expect(page.locator("#ood-notice")).to_contain_text("not an image we can read")
-    # the message is where the result would be: no toast over the page, no broken-image icon in the box
     playwright.expect(page.locator("#upload")).to_have_class(re.compile("unreadable"))
     playwright.expect(page.locator("#upload img").first).to_be_hidden()
     playwright.expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
+
+
+def joins_for_method_pick(page, method) -> list:
+    """The queue joins one pick of a Grad-CAM method sends (the Grad-CAM tab is open)."""
+    joins = []
+    page.on("request", lambda r: joins.append(r.post_data) if "/queue/join" in r.url else None)
+    with page.expect_response(lambda r: "/queue/join" in r.url):
+        page.get_by_label("Method").click()
+        page.get_by_role("option", name=method).click()
+    page.wait_for_timeout(2000)  # a duplicate is sent within milliseconds of the first; allow it to show
+    return joins
+
+
+def test_bad_upload_shows_a_message_and_the_next_upload_works(page, tmp_path):
+    upload_bad_file(page, tmp_path)
     shot(page, "5_bad_upload")
     page.locator("#upload button[aria-label='Remove Image']").click()
     upload(page, EXAMPLE)
@@ -234,76 +251,58 @@ def settled(page, js, arg, want, seconds=10.0):
     return got
 
 
-@pytest.mark.parametrize("width", [1400, 390])
-def test_layout_reads_in_full_at_desktop_and_phone_width(browser, url, width, tmp_path):
+@pytest.mark.parametrize("page", [1400, 390], indirect=True, ids=["width1400", "width390"])
+def test_layout_reads_in_full_at_desktop_and_phone_width(page, tmp_path):
     """Issue 24's points at a desktop and a phone width, one tab after another, a screenshot of each."""
-    context = browser.new_context(viewport={"width": width, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT)
-    page.goto(url)
-    page.wait_for_selector("#upload input[type=file]", state="attached")
-    try:
-        # a bad upload: its message where the result would be, no toast, no broken-image icon (point 4)
-        bad = tmp_path / "not-an-image.png"
-        bad.write_bytes(b"this is text pretending to be a PNG")
-        upload(page, bad)
-        playwright.expect(page.locator("#ood-notice")).to_contain_text("not an image we can read")
-        playwright.expect(page.locator("#upload img").first).to_be_hidden()
-        playwright.expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
-        shot(page, f"w{width}_0_bad_upload")
-        page.locator("#upload button[aria-label='Remove Image']").click()
-        # a 32x32 upload is shown enlarged (nearest neighbour, said under it), not as a thumbnail in an empty box
-        upload(page, EXAMPLE)
-        top_label(page)
-        playwright.expect(page.locator("#upload")).to_have_class(re.compile("small-upload"))
-        side = "() => { const r = document.querySelector('#upload img').getBoundingClientRect(); " \
-               "return Math.min(r.width, r.height) >= 150 || [r.width, r.height]; }"
-        assert settled(page, side, None, True) is True
-        rendering = "() => getComputedStyle(document.querySelector('#upload img')).imageRendering"
-        assert settled(page, rendering, None, "pixelated") == "pixelated"
-        # component labels sit above their content: the top-5 headings stay visible, in edge mode too
-        assert settled(page, COVERED, ["#top5 [data-testid='block-label']", "#top5 h2, #top5 .output-class"], False) is False
-        page.locator("#serve").get_by_text("edge (int8 ONNX)").click()
-        playwright.expect(page.locator("#edge-top5 h2, #edge-top5 .output-class").first).to_have_text(ANY_CLASS)
-        for panel in ("#top5", "#edge-top5"):
-            assert settled(page, COVERED, [f"{panel} [data-testid='block-label']",
-                                           f"{panel} h2, {panel} .output-class"], False) is False, panel
-        shot(page, f"w{width}_1_classify_edge")
-        page.locator("#serve").get_by_text("full ensemble (PyTorch)").click()
+    width = page.viewport_size["width"]
+    upload_bad_file(page, tmp_path)  # point 4
+    shot(page, f"w{width}_0_bad_upload")
+    page.locator("#upload button[aria-label='Remove Image']").click()
+    # a 32x32 upload is shown enlarged (nearest neighbour, said under it), not as a thumbnail in an empty box
+    upload(page, EXAMPLE)
+    top_label(page)
+    playwright.expect(page.locator("#upload")).to_have_class(re.compile("small-upload"))
+    side = "() => { const r = document.querySelector('#upload img').getBoundingClientRect(); " \
+           "return Math.min(r.width, r.height) >= 150 || [r.width, r.height]; }"
+    assert settled(page, side, None, True) is True
+    rendering = "() => getComputedStyle(document.querySelector('#upload img')).imageRendering"
+    assert settled(page, rendering, None, "pixelated") == "pixelated"
+    # component labels sit above their content: the top-5 headings stay visible, in edge mode too
+    assert settled(page, COVERED, ["#top5 [data-testid='block-label']", "#top5 h2, #top5 .output-class"], False) is False
+    page.locator("#serve").get_by_text("edge (int8 ONNX)").click()
+    playwright.expect(page.locator("#edge-top5 h2, #edge-top5 .output-class").first).to_have_text(ANY_CLASS)
+    for panel in ("#top5", "#edge-top5"):
+        assert settled(page, COVERED, [f"{panel} [data-testid='block-label']",
+                                       f"{panel} h2, {panel} .output-class"], False) is False, panel
+    shot(page, f"w{width}_1_classify_edge")
+    page.locator("#serve").get_by_text("full ensemble (PyTorch)").click()
 
-        goto_tab(page, "Compare models")
-        playwright.expect(page.locator("#compare-table")).to_contain_text("ensemble")
-        shot(page, f"w{width}_2_compare")
+    goto_tab(page, "Compare models")
+    playwright.expect(page.locator("#compare-table")).to_contain_text("ensemble")
+    shot(page, f"w{width}_2_compare")
 
-        goto_tab(page, "Grad-CAM")
-        playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
-        playwright.expect(page.locator("#cam-gallery .caption-label").last).to_contain_text("ensemble")
-        assert settled(page, CUT_CAPTIONS, "#cam-gallery", []) == []
-        shot(page, f"w{width}_3_gradcam")
-        joins = []  # one method pick, one queued job (point 3)
-        page.on("request", lambda r: joins.append(r.url) if "/queue/join" in r.url else None)
-        with page.expect_response(lambda r: "/queue/join" in r.url):
-            page.get_by_label("Method").click()
-            page.get_by_role("option", name="layercam").click()
-        page.wait_for_timeout(2000)
-        assert len(joins) == 1, joins
+    goto_tab(page, "Grad-CAM")
+    playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
+    playwright.expect(page.locator("#cam-gallery .caption-label").last).to_contain_text("ensemble")
+    assert settled(page, CUT_CAPTIONS, "#cam-gallery", []) == []
+    shot(page, f"w{width}_3_gradcam")
+    joins = joins_for_method_pick(page, "layercam")  # one method pick, one queued job (point 3)
+    assert len(joins) == 1, joins
 
-        goto_tab(page, "Training metrics")
-        playwright.expect(page.locator("#confusion-plot img")).to_be_visible()
-        assert settled(page, COVERED, ["#confusion-plot [data-testid='block-label']", "#confusion-plot img"], False) is False
-        playwright.expect(page.locator("#levels-table td").first).to_be_visible()
-        assert settled(page, BROKEN_WORDS, "#levels-table", []) == []
-        shot(page, f"w{width}_4_metrics")
+    goto_tab(page, "Training metrics")
+    playwright.expect(page.locator("#confusion-plot img")).to_be_visible()
+    assert settled(page, COVERED, ["#confusion-plot [data-testid='block-label']", "#confusion-plot img"], False) is False
+    playwright.expect(page.locator("#levels-table td").first).to_be_visible()
+    assert settled(page, BROKEN_WORDS, "#levels-table", []) == []
+    shot(page, f"w{width}_4_metrics")
 
-        goto_tab(page, "Mistakes")
-        playwright.expect(page.locator("#mistakes-gallery img").first).to_be_visible()
-        assert settled(page, CUT_CAPTIONS, "#mistakes-gallery", []) == []
-        shot(page, f"w{width}_5_mistakes")
-        page.locator("#mistakes-confusion [data-testid='cell-3-4']").click()  # cat -> cat: a diagonal cell (point 5)
-        playwright.expect(page.locator("#mistakes-status")).to_contain_text("of these test images right")
-        playwright.expect(page.locator("#mistakes-gallery img")).to_have_count(0)
-    finally:
-        context.close()
+    goto_tab(page, "Mistakes")
+    playwright.expect(page.locator("#mistakes-gallery img").first).to_be_visible()
+    assert settled(page, CUT_CAPTIONS, "#mistakes-gallery", []) == []
+    shot(page, f"w{width}_5_mistakes")
+    page.locator("#mistakes-confusion [data-testid='cell-3-4']").click()  # cat -> cat: a diagonal cell (point 5)
+    playwright.expect(page.locator("#mistakes-status")).to_contain_text("of these test images right")
+    playwright.expect(page.locator("#mistakes-gallery img")).to_have_count(0)
 
 
 def test_one_method_pick_queues_one_job_and_slow_methods_say_so(page):
@@ -314,10 +313,5 @@ def test_one_method_pick_queues_one_job_and_slow_methods_say_so(page):
     page.get_by_role("tab", name="Grad-CAM").click()
     playwright.expect(page.locator("#cam-gallery img").first).to_be_visible()
     playwright.expect(page.locator("#cam-method")).to_contain_text("scorecam is slow on CPU")
-    joins = []
-    page.on("request", lambda r: joins.append(r.post_data) if "/queue/join" in r.url else None)
-    with page.expect_response(lambda r: "/queue/join" in r.url):
-        page.get_by_label("Method").click()
-        page.get_by_role("option", name="layercam").click()
-    page.wait_for_timeout(2000)  # a duplicate is sent within milliseconds of the first; allow it to show
+    joins = joins_for_method_pick(page, "layercam")
     assert len(joins) == 1, joins

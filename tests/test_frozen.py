@@ -169,11 +169,8 @@ def test_cached_run_trains_only_the_trunk_and_saves_a_whole_model(cifar, data_di
 
 
 def test_every_swept_configuration_is_a_valid_cached_run():
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("transfer_cost", ROOT / "benchmarks" / "transfer_cost.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+    bench = load_benchmark("transfer_cost")
     models = {}
     for name in bench.CONFIGS:
         cfg = bench.config(name)
@@ -190,13 +187,10 @@ def test_every_swept_configuration_is_a_valid_cached_run():
 
 def test_cost_table_counts_a_reused_cache_at_its_build_time(tmp_path, capsys):
     """A CPU run that found its feature cache built is not cheaper for it: the table adds the build."""
-    import importlib.util
     import json
     from types import SimpleNamespace
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("transfer_cost", ROOT / "benchmarks" / "transfer_cost.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+    bench = load_benchmark("transfer_cost")
     for name, cache in (("built", {"reused": False, "built_seconds": 600.0}),
                         ("reused", {"reused": True, "built_seconds": 600.0})):
         (tmp_path / name).mkdir()

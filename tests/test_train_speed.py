@@ -1,19 +1,15 @@
 """benchmarks/train_speed.py (issue 3): a minuscule real-data run prints its tables and sane FLOP counts.
 
 No timing assertions: the CI machine is shared, so only the structure and the FLOP counts are checked."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_speed")
 
 
 def analytic_forward_flops(widths, size=32, classes=10):
