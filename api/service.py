@@ -86,14 +86,17 @@ class ApiService:
             edge = self.lab.edge_predict(image, model)  # cached per image, like the zoo's
             members = {model: (edge.probs, edge.seconds)}
             chosen = edge.probs
+            ood = {"available": False, "problem": "the out-of-distribution detector reads the PyTorch zoo's "
+                                                  "features; edge models have none (ask model=ensemble)"}
         else:
             result = self.lab.predict(image)  # cached per image, as in the demo
             names = self.lab.names if model == ENSEMBLE else [model]
             members = {n: (result.members[n], result.seconds[n]) for n in names}
             chosen = result.probs if model == ENSEMBLE else result.members[model]
+            ood = self.lab.ood_result(result)  # the zoo's judgement, whichever model answers
         return {
             "model": model, "prediction": top_k(chosen, 1)[0], "top_k": top_k(chosen, k),
-            "probabilities": as_dict(chosen),
+            "probabilities": as_dict(chosen), "ood": ood,
             "members": [{**self.versions[n], "top_k": top_k(p, k), "probabilities": as_dict(p),
                          "latency_ms": round(1000 * s, 3)} for n, (p, s) in members.items()],
         }

@@ -119,13 +119,19 @@ class Ensemble:
         return cls(members, [float(fitted[m.name]["weight"]) for m in members],
                    temperature=float(record.get("temperature", 1.0)), source=f"fitted on val ({path.name})")
 
-    def member_probs(self, images_u8: torch.Tensor) -> dict[str, dict]:
-        """{name: {"probs": N x C tensor, "seconds": wall time}} for each member."""
+    def member_probs(self, images_u8: torch.Tensor, features: bool = False) -> dict[str, dict]:
+        """{name: {"probs": N x C tensor, "seconds": wall time}} for each member. features=True adds "logits" and
+        "features" (the penultimate features an OOD detector reads) from the same forward passes."""
         out = {}
         for m in self.members:
             t0 = time.perf_counter()
-            probs = m.predictor.probs(images_u8)
-            out[m.name] = {"probs": probs, "seconds": time.perf_counter() - t0}
+            if features:
+                logits, feats = m.predictor.logits_and_features(images_u8)
+                probs = torch.softmax(logits / m.predictor.temperature, dim=1)  # as Predictor.probs
+                out[m.name] = {"probs": probs, "logits": logits, "features": feats}
+            else:
+                out[m.name] = {"probs": m.predictor.probs(images_u8)}
+            out[m.name]["seconds"] = time.perf_counter() - t0
         return out
 
     def combine(self, member_probs: dict[str, dict]) -> torch.Tensor:

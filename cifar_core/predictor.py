@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize, resize, to_float
+from .models.registry import classifier_of
 
 
 # Kept beside the models rather than on them, so that models stay deep-copyable (export, quantization).
@@ -79,14 +80,42 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
         """Raw (uncalibrated) logits, TTA-averaged, for a uint8 batch of any size."""
+        return self._run(images_u8, tta, features=False)[0]
+
+    @torch.inference_mode()
+    def logits_and_features(self, images_u8: torch.Tensor,
+                            tta: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, penultimate features) from the same forward passes: the classifier's input, averaged over
+        the TTA views with the logits' weights (the classifier is linear, so the averaged features still map to
+        the averaged logits). Out-of-distribution detectors (cifar_core/ood.py) read the features."""
+        return self._run(images_u8, tta, features=True)
+
+    def _run(self, images_u8: torch.Tensor, tta: int | None,
+             features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         level = self.tta if tta is None else tta
-        outs = []
+        outs, feats, seen = [], [], []
         with self.lock:
-            for start in range(0, len(images_u8), self.batch_size):
-                x = preprocess(images_u8[start:start + self.batch_size].to(self.device), self.spec)
-                x = x.contiguous(memory_format=torch.channels_last)
-                outs.append(sum(w * self.model(v) for w, v in tta_views(x, level)).float().cpu())
-        return torch.cat(outs) if outs else torch.empty(0, 10)
+            hook = (classifier_of(self.model).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+                    if features else None)
+            try:
+                for start in range(0, len(images_u8), self.batch_size):
+                    x = preprocess(images_u8[start:start + self.batch_size].to(self.device), self.spec)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    logits, feat = 0, 0
+                    for w, v in tta_views(x, level):
+                        seen.clear()
+                        logits = logits + w * self.model(v)
+                        if features:
+                            feat = feat + w * seen[-1].flatten(1).float()
+                    outs.append(logits.float().cpu())
+                    if features:
+                        feats.append(feat.cpu())
+            finally:
+                if hook is not None:
+                    hook.remove()
+        if not outs:
+            return torch.empty(0, 10), (torch.empty(0, 0) if features else None)
+        return torch.cat(outs), (torch.cat(feats) if features else None)
 
     def probs(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
         return torch.softmax(self.logits(images_u8, tta) / self.temperature, dim=1)

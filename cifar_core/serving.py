@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,9 @@ class Prediction:
     probs: np.ndarray                 # ensemble, calibrated, C
     members: dict[str, np.ndarray]    # model name -> calibrated probs
     seconds: dict[str, float]         # model name -> latency of its forward pass(es) for this image
-    ood_score: float                  # max ensemble probability
-    ood: bool | None                  # None when no threshold is available
+    ood_score: float | None           # typicality in [0, 1] (cifar_core/ood.py); None when the check is off
+    ood: bool | None                  # flagged as out of distribution; None when the check is off
+    ood_seconds: float = 0.0          # the detector's own arithmetic for this image
 
     @property
     def top(self) -> int:
@@ -79,7 +81,7 @@ def image_key(image: torch.Tensor) -> str:
 def read_assets(assets_dir: Path = ASSETS_DIR) -> dict:
     path = Path(assets_dir) / "assets.json"
     if not path.exists():
-        warnings.warn(f"{path} is missing (run python -m demo.build_assets): no OOD threshold, no mistakes tab")
+        warnings.warn(f"{path} is missing (run python -m demo.build_assets): no OOD check, no mistakes tab")
         return {}
     return json.loads(path.read_text())
 
@@ -103,7 +105,7 @@ class Lab:
         self.ensemble = Ensemble.from_fit(self.members, self.root / FIT_FILE)
         self.assets_dir = Path(assets_dir)
         self.assets = read_assets(self.assets_dir)
-        self.ood_threshold = self._ood_threshold()
+        self.ood_detector, self.ood_problem = self._load_ood()
         self._predictions = BoundedCache(512)
         self._explanations = BoundedCache(2048)
         self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
@@ -117,14 +119,41 @@ class Lab:
     def names(self) -> list[str]:
         return [m.name for m in self.members]
 
-    def _ood_threshold(self) -> float | None:
+    def _load_ood(self):
+        """(the fitted OOD detector, None), or (None, why the check is off). A detector fitted for other
+        checkpoints (added, removed or retrained since) is stale: it is not used, and the notice says so."""
+        from .ensemble import fit_mismatch
+        from .ood import detector_from_state
         ood = self.assets.get("ood") or {}
-        if "threshold" not in ood:
-            return None
-        if sorted(ood.get("members", [])) != sorted(self.names):
-            warnings.warn(f"the OOD threshold was chosen for models {ood.get('members')}, but {self.names} are "
-                          "loaded; rerun python -m demo.build_assets to re-choose it")
-        return float(ood["threshold"])
+        refit = "refit it with python -m demo.build_assets --data <CIFAR-10 folder>"
+        if "detector" not in ood:
+            return None, f"no fitted detector in {self.assets_dir} ({refit})"
+        problem = fit_mismatch({"members": ood.get("fitted_for", [])}, self.members)
+        if problem:
+            message = f"the detector is stale: {problem}; {refit}"
+            warnings.warn(f"out-of-distribution check off: {message}")
+            return None, message
+        try:
+            from safetensors.torch import load_file
+            detector = detector_from_state(load_file(str(self.assets_dir / ood["file"])), ood["detector"])
+        except Exception as e:  # noqa: BLE001 - a broken asset costs only the check, never the demo
+            message = f"{self.assets_dir / ood.get('file', '?')} is unreadable ({type(e).__name__}: {e}); {refit}"
+            warnings.warn(f"out-of-distribution check off: {message}")
+            return None, message
+        return detector, None
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return None if self.ood_detector is None else self.ood_detector.threshold
+
+    def ood_result(self, pred: "Prediction") -> dict:
+        """The out-of-distribution result as data (the REST and gradio_client answers carry it)."""
+        if pred.ood is None:
+            return {"available": False, "problem": self.ood_problem}
+        ood = self.assets["ood"]
+        return {"available": True, "flagged": bool(pred.ood), "score": round(pred.ood_score, 4),
+                "threshold": self.ood_threshold, "rule": ood["rule"], "score_meaning": ood["score"],
+                "detector": ood["name"], "fitted_on": ood["fitted_on"]}
 
     # -- predictions ------------------------------------------------------------------------
 
@@ -136,15 +165,19 @@ class Lab:
         cached = self._predictions.get(key)
         if cached is not None:
             return cached
-        member = self.ensemble.member_probs(image[None])
+        detector = self.ood_detector
+        member = self.ensemble.member_probs(image[None], features=detector is not None)
         probs = self.ensemble.combine(member)[0].numpy()
-        score = float(probs.max())
+        score, flagged, ood_seconds = None, None, 0.0
+        if detector is not None:
+            t0 = time.perf_counter()
+            score = float(detector.typicality({n: (r["logits"], r["features"]) for n, r in member.items()})[0])
+            flagged, ood_seconds = score < detector.threshold, time.perf_counter() - t0
         return self._predictions.put(key, Prediction(
             image=image, probs=probs,
             members={n: r["probs"][0].numpy() for n, r in member.items()},
             seconds={n: r["seconds"] for n, r in member.items()},
-            ood_score=score,
-            ood=None if self.ood_threshold is None else score < self.ood_threshold))
+            ood_score=score, ood=flagged, ood_seconds=ood_seconds))
 
     def warm_up(self, uploads, method: str = "gradcam") -> None:
         """Fill the caches for the example images (run in a background thread after launch), so

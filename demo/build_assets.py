@@ -6,9 +6,13 @@ writes
   demo/examples/cifar_<class>.png   one real CIFAR-10 test image per class (32x32)
   demo/examples/photo_<name>.jpg    a few non-CIFAR photos (scikit-image's sample data), for the OOD notice
   demo/assets/mistakes.npz          test images the ensemble gets wrong (uint8) + labels, predictions
-  demo/assets/assets.json           OOD threshold and how it was chosen, ensemble test metrics, provenance
+  demo/assets/ood.safetensors       the out-of-distribution detector fitted to these checkpoints (cifar_core/ood.py)
+  demo/assets/assets.json           the detector's rule, threshold and what it was fitted on, ensemble test metrics,
+                                    provenance
 
-Rerun it after adding or retraining checkpoints: the mistakes and the threshold belong to one ensemble.
+Rerun it after adding or retraining checkpoints: the mistakes and the detector belong to one ensemble (the
+demo turns a stale detector off and says so). The detector is the one benchmarks/ood.py chose
+(results/ood.json); --ood-detector overrides it.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save
 
 from cifar_core.assets import compute_assets
 from cifar_core.checkpoint import atomic_write_bytes, atomic_write_json, now_iso
 from cifar_core.data import CLASSES, load_cifar10, make_split
+from cifar_core.ood import METHODS
 from cifar_core.runtime import keep_freed_memory
 from cifar_core.serving import ASSETS_DIR, Lab
 
@@ -58,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR, else ../shared/data/cifar10)")
     p.add_argument("--checkpoints", help="checkpoints root (default $CIFAR_CHECKPOINTS or checkpoints/)")
     p.add_argument("--out", default=str(ASSETS_DIR))
+    p.add_argument("--ood-detector", choices=METHODS, help="default: the choice recorded in results/ood.json")
     args = p.parse_args(argv)
     keep_freed_memory()  # large inference batches without per-batch page faults (cifar_core/runtime.py)
 
@@ -76,14 +83,15 @@ def main(argv=None) -> None:
     test_images, test_labels = data.images[split.test], data.labels[split.test]
     examples = save_examples(test_images, test_labels)
     photos = {name: lab.decode(EXAMPLES_DIR / name) for name in examples}
-    # the threshold (chosen on validation images) and the mistakes (test) are cifar_core's decisions
-    computed, mistakes = compute_assets(lab, data, split, photos)
+    # the detector (fitted on train, thresholded on validation images) and the mistakes (test) are cifar_core's
+    computed, mistakes, ood_tensors = compute_assets(lab, data, split, photos, ood_method=args.ood_detector)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **mistakes)
     atomic_write_bytes(out / "mistakes.npz", buffer.getvalue())  # a killed build leaves the old files whole
+    atomic_write_bytes(out / computed["ood"]["file"], save(ood_tensors, metadata={"method": computed["ood"]["method"]}))
     assets = {
         "built_at": now_iso(),
         "command": "python -m demo.build_assets " + " ".join(argv if argv is not None else sys.argv[1:]),

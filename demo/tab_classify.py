@@ -25,32 +25,34 @@ def example_files() -> list[str]:
 
 
 def ood_notice(lab, pred) -> str:
+    """One sentence on whether the image looks like CIFAR-10 at all, with the score and the threshold."""
     if pred.ood is None:
-        return "_Out-of-distribution check unavailable: no threshold in demo/assets (run `python -m demo.build_assets`)._"
-    kept = f"{lab.assets['ood'].get('keeps_in_distribution', 0.95):.0%} of validation images pass"
+        return f"_Out-of-distribution check off: {lab.ood_problem}._"
+    why = (f"Score **{pred.ood_score:.2f}**, threshold **{lab.ood_threshold:.2f}**: the score is the share of real "
+           f"CIFAR-10 validation images that look at least as unusual to the models "
+           f"({lab.assets['ood']['name']} on their features).")
     if pred.ood:
-        return (f"### ⚠️ This doesn't look like any CIFAR-10 class\nThe ensemble's highest probability is "
-                f"**{pred.ood_score:.2f}**, below the threshold **{lab.ood_threshold:.2f}** (chosen so that {kept}). "
-                "The top-5 is what the models would guess anyway.")
-    return f"In distribution: highest probability {pred.ood_score:.2f} ≥ threshold {lab.ood_threshold:.2f} ({kept})."
+        return (f"### ⚠️ This doesn't look like any of the 10 CIFAR-10 classes\n{why} "
+                "The top-5 below is what the models would guess anyway.")
+    return f"Looks like CIFAR-10. {why}"
 
 
 def classify(lab, upload):
-    """-> (ensemble top-5, the 32x32 image the models see, OOD notice)."""
+    """-> (ensemble top-5, the 32x32 image the models see, OOD notice, OOD result as data)."""
     pred = lab.predict(require_image(lab, upload))
-    return confidences(pred.probs), enlarged(pred.image), ood_notice(lab, pred)
+    return confidences(pred.probs), enlarged(pred.image), ood_notice(lab, pred), lab.ood_result(pred)
 
 
 def classify_on_change(lab, upload):
     """The UI path: a bad upload is explained where the answer would be, and the next success replaces
     it (no toast: one would linger over that next result). The server logs one line, no traceback."""
     if upload is None:  # the image was cleared: clear the outputs, no error
-        return None, None, ""
+        return None, None, "", None
     try:
         return classify(lab, upload)
     except ImageInputError as e:
         log.info("classify: could not use the upload: %s", e)
-        return None, None, f"### ❌ Could not use this image\n{e}. Try another file or one of the examples."
+        return None, None, f"### ❌ Could not use this image\n{e}. Try another file or one of the examples.", None
 
 
 def compare(lab, upload, k: float = 3):
@@ -77,6 +79,12 @@ def compare(lab, upload, k: float = 3):
     else:
         badge = "### ❌ Disagree: " + ", ".join(f"{n} → **{t}**" for n, t in top.items()) + \
                 f" (ensemble: **{ensemble_top}**)"
+    if pred.ood is None:
+        badge += f"\n\nOut-of-distribution check off: {lab.ood_problem}."
+    else:
+        verdict = "**flagged**: not like any CIFAR-10 class" if pred.ood else "passes: looks like CIFAR-10"
+        badge += (f"\n\nOut-of-distribution score **{pred.ood_score:.2f}** (threshold {lab.ood_threshold:.2f}, "
+                  f"{lab.assets['ood']['name']}): {verdict}; {1000 * pred.ood_seconds:.1f} ms.")
     badge += "\n\nLatency: the first computation of this image on this server (results are cached)."
     return badge, pd.DataFrame(rows)
 
@@ -175,7 +183,9 @@ def build_classify(lab):
             edge_info = gr.Markdown(elem_id="edge-info")
             seen = gr.Image(label="What the models see (32x32, enlarged)", interactive=False, height=180,
                             format="png", elem_id="seen")
-    outputs = [label, seen, notice]
+    # the OOD result as data: not shown (the notice says it in words), returned to gradio_client callers
+    ood = gr.JSON(visible=False, label="Out-of-distribution result", elem_id="ood-json")
+    outputs = [label, seen, notice, ood]
     button.click(user_errors(lambda u: classify(lab, u)), image, outputs, api_name="predict",
                  concurrency_id="models")
     image.change(user_errors(lambda u: classify_on_change(lab, u)), image, outputs, api_visibility="private",

@@ -34,6 +34,7 @@ SLOW = (
     "test_explain.py::test_faithfulness_of_every_shipped_model",
     "test_frozen.py::test_cached_run_trains_only_the_trunk",
     "test_export.py::test_onnx_matches_pytorch_and_int8_keeps_accuracy",
+    "test_ood.py::test_shipped_detector_passes_cifar_test_images_at_the_stated_rate_and_flags_ood",  # 1,000 test images
     "test_distill.py::test_short_distilled_run_learns_from_the_teacher",
     "test_layout.py::test_benchmark_imports_from_any_folder",     # one interpreter per benchmark script
     "test_demo_api.py::test_both_start_commands_parse",

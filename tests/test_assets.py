@@ -2,14 +2,7 @@
 import numpy as np
 import torch
 
-from cifar_core.assets import choose_mistakes, compute_assets, ood_threshold
-
-
-def test_threshold_keeps_the_asked_fraction():
-    scores = torch.linspace(0.0, 1.0, 1001)
-    t = ood_threshold(scores, keep=0.95)
-    assert abs(t - 0.05) < 1e-6
-    assert 0.95 <= (scores >= t).float().mean().item() <= 0.951
+from cifar_core.assets import choose_mistakes, compute_assets
 
 
 def test_mistakes_are_the_most_confident_wrong_per_class():
@@ -31,31 +24,42 @@ def test_mistakes_are_the_most_confident_wrong_per_class():
 class _Split:
     name, seed = "seed", 0
     fingerprint = "f"
-    val = torch.arange(0, 40)
-    test = torch.arange(40, 80)
+    train = torch.arange(0, 100)
+    val = torch.arange(100, 150)
+    test = torch.arange(150, 200)
 
 
-class _Ensemble:
-    weights = [1.0]
-
-    def probs(self, images):  # confident on even pixel values, unsure on odd ones; predicts class 0
-        p = torch.full((len(images), 10), 0.05)
-        p[:, 0] = torch.where(images[:, 0, 0, 0] % 2 == 0, 0.55, 0.1)
-        return p / p.sum(1, keepdim=True)
-
-
-class _Lab:
-    names = ["m"]
-    ensemble = _Ensemble()
+def _tiny_lab():
+    """A real (untrained) one-model zoo, not saved to disk."""
+    from types import SimpleNamespace
+    from cifar_core.ensemble import Ensemble, Member
+    from cifar_core.models import create_model
+    from cifar_core.predictor import Predictor
+    torch.manual_seed(0)
+    members = [Member("m", None, {}, Predictor(create_model("cifar_cnn"), name="m"))]
+    return SimpleNamespace(members=members, names=["m"], ensemble=Ensemble(members))
 
 
-def test_compute_assets_records_threshold_metrics_and_mistakes():
+def test_compute_assets_fits_the_detector_records_metrics_and_mistakes():
+    g = torch.Generator().manual_seed(0)
+
     class Data:
-        images = (torch.arange(80) % 256).to(torch.uint8).view(80, 1, 1, 1).expand(80, 3, 2, 2).contiguous()
-        labels = torch.arange(80) % 2            # half class 0 (right), half class 1 (wrong)
-    assets, mistakes = compute_assets(_Lab(), Data(), _Split(), photos={"x.png": Data.images[1]}, progress=False)
-    assert assets["ood"]["chosen_on"] == "validation split, 40 images"
-    assert 0 < assets["ood"]["threshold"] < 1 and assets["ood"]["members"] == ["m"]
-    assert assets["ensemble_test"]["accuracy"] == 0.5 and assets["mistakes"]["total_wrong"] == 20
-    assert (mistakes["labels"] == 1).all() and len(mistakes["labels"]) == 20
-    assert set(assets["ood"]["example_scores"]) == {"x.png"}
+        images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.arange(200) % 10
+    lab = _tiny_lab()
+    assets, mistakes, tensors = compute_assets(lab, Data(), _Split(), photos={"x.png": Data.images[1]},
+                                               progress=False, ood_method="mahalanobis", train_per_class=8)
+    ood = assets["ood"]
+    assert ood["method"] == "mahalanobis" and ood["fitted_for"] == [{"name": "m", "saved_at": None}]
+    assert ood["fitted_on"].startswith("80 train images (8 per class) and 50 validation images")
+    assert ood["threshold"] == 0.05 and ood["file"] == "ood.safetensors"
+    assert set(tensors) == {"reference", "0.mu", "0.precision"} and len(tensors["reference"]) == 50
+    assert set(ood["example_scores"]) == {"x.png"} and 0 <= ood["example_scores"]["x.png"] <= 1
+    # the shipped tensors rebuild the same detector: its validation scores are the stored reference
+    from cifar_core.ood import detector_from_state, zoo_outputs
+    det = detector_from_state({k: v.float() for k, v in tensors.items()}, ood["detector"])
+    val = zoo_outputs(lab.members, Data.images[_Split.val])
+    torch.testing.assert_close(det.outlier_score(val).sort().values, tensors["reference"], atol=1e-4, rtol=1e-4)
+    wrong = int((lab.ensemble.probs(Data.images[_Split.test]).argmax(1) != Data.labels[_Split.test]).sum())
+    assert assets["mistakes"]["total_wrong"] == wrong and assets["ensemble_test"]["n"] == 50
+    assert len(mistakes["labels"]) == min(wrong, 400)

@@ -126,7 +126,7 @@ def test_only_the_named_endpoints_are_public(client):
 @pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "rgba.png", "gray.webp", "cmyk.jpg", "tiny.bmp",
                                   "16bit.tiff"])
 def test_predict_accepts_any_image(client, files, name):
-    label, seen, notice = client.predict(handle_file(str(files[name])), api_name="/predict")
+    label, seen, notice, ood = client.predict(handle_file(str(files[name])), api_name="/predict")
     assert label["label"] in CLASSES
     top5 = label["confidences"]
     assert len(top5) == 5 and all(0 <= c["confidence"] <= 1 for c in top5)
@@ -139,7 +139,7 @@ def test_predict_on_shipped_examples(client):
     examples = example_files()
     assert any("cifar_" in e for e in examples) and any("photo_" in e for e in examples)
     for path in examples[:3]:
-        label, _, _ = client.predict(handle_file(path), api_name="/predict")
+        label, _, _, _ = client.predict(handle_file(path), api_name="/predict")
         assert label["label"] in CLASSES
 
 
@@ -152,7 +152,7 @@ def test_bad_uploads_give_a_clear_error_and_the_app_survives(client, files, name
         client.predict(handle_file(str(files[name])), api_name="/predict")
     # the user's mistake is not a server fault: Gradio prints no traceback for it (the server runs in this process)
     assert "Traceback" not in capfd.readouterr().err
-    label, _, _ = client.predict(handle_file(str(files["photo.png"])), api_name="/predict")
+    label, _, _, _ = client.predict(handle_file(str(files["photo.png"])), api_name="/predict")
     assert label["label"] in CLASSES
 
 
@@ -323,11 +323,20 @@ def test_the_shipped_app_recognizes_the_shipped_cifar_examples():
     assert len(cifar_examples) == 10
     with launched(build_app(shipped)) as url:
         client = Client(url, verbose=False)
-        correct = 0
+        correct = passed = 0
         for path in cifar_examples:
-            label, _, notice = client.predict(handle_file(path), api_name="/predict")
+            label, _, notice, ood = client.predict(handle_file(path), api_name="/predict")
             correct += label["label"] == Path(path).stem.removeprefix("cifar_")
+            passed += not ood["flagged"] and notice.startswith("Looks like CIFAR-10")
         assert correct >= 8, f"the shipped ensemble got {correct}/10 shipped CIFAR examples right"
+        assert passed >= 9, f"only {passed}/10 shipped CIFAR examples pass the out-of-distribution check"
+        # a photo of none of the classes is flagged, in words and as data, with the score and the threshold
+        astronaut = next(p for p in example_files() if "astronaut" in p)
+        _, _, notice, ood = client.predict(handle_file(astronaut), api_name="/predict")
+        assert ood["available"] and ood["flagged"] and ood["score"] < ood["threshold"]
+        assert "doesn't look like any of the 10 CIFAR-10 classes" in notice and f"{ood['threshold']:.2f}" in notice
+        badge, _ = client.predict(handle_file(astronaut), 3, api_name="/compare")
+        assert "Out-of-distribution score" in badge and "flagged" in badge
 
 
 def test_mistakes_selection_is_described_even_when_empty():

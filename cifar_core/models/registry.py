@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -83,6 +84,23 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool | str = Fals
     model.spec = spec
     model.model_kwargs = merged
     return model
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The final linear layer; its input is the penultimate feature vector (out-of-distribution detectors
+    read it). timm models name it via get_classifier(); ours call it `head`."""
+    layer = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{type(model).__name__} has no final nn.Linear classifier (found {type(layer).__name__})")
+    return layer
+
+
+def linear_head(model: nn.Module) -> tuple:
+    """(W, b) with logits = features @ W.T + b, including a model's fixed logit scale (cifar_cnn's 1/9)."""
+    layer = classifier_of(model)
+    scale = float(getattr(model, "logit_scale", 1.0))
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+    return layer.weight.detach().float() * scale, bias.detach().float() * scale
 
 
 def resolve_module(model: nn.Module, dotted: str) -> nn.Module:
