@@ -26,7 +26,7 @@ OOD_RESULTS = paths.REPO / "results" / "ood.json"   # benchmarks/ood.py's choice
 OOD_TRAIN_PER_CLASS = 1000    # train images per class the shipped detector is fitted on (as in the benchmark)
 METHOD_NAMES = {"msp": "max softmax probability", "energy": "energy score", "maxlogit": "max logit",
                 "mahalanobis": "Mahalanobis distance", "knn": "k-nearest-neighbour distance",
-                "vim": "ViM (virtual logit)"}
+                "vim": "ViM virtual-logit matching"}
 MISTAKES_PER_CLASS = 40       # 400 images x 3 KB: well under a megabyte compressed
 
 

@@ -74,6 +74,10 @@ def main(argv=None) -> None:
     app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, **launch_kwargs())
     # Serving now. Warm the caches in the background (this also imports Grad-CAM's heavy
     # dependencies), so the first click on an example answers instantly in every tab.
-    threading.Thread(target=lab.warm_up, args=(example_files(),), daemon=True, name="warm-up").start()
+    def warm_up():
+        started = time.perf_counter()
+        lab.warm_up(example_files())
+        logging.getLogger("demo").info("examples warmed up in %.1fs", time.perf_counter() - started)
+    threading.Thread(target=warm_up, daemon=True, name="warm-up").start()
     app.block_thread()
 

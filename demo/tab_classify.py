@@ -29,8 +29,8 @@ def ood_notice(lab, pred) -> str:
     if pred.ood is None:
         return f"_Out-of-distribution check off: {lab.ood_problem}._"
     why = (f"Score **{pred.ood_score:.2f}**, threshold **{lab.ood_threshold:.2f}**: the score is the share of real "
-           f"CIFAR-10 validation images that look at least as unusual to the models "
-           f"({lab.assets['ood']['name']} on their features).")
+           "CIFAR-10 validation images that look at least as unusual to the models "
+           f"(detector: {lab.assets['ood']['name']} on their features).")
     if pred.ood:
         return (f"### ⚠️ This doesn't look like any of the 10 CIFAR-10 classes\n{why} "
                 "The top-5 below is what the models would guess anyway.")
@@ -83,8 +83,8 @@ def compare(lab, upload, k: float = 3):
         badge += f"\n\nOut-of-distribution check off: {lab.ood_problem}."
     else:
         verdict = "**flagged**: not like any CIFAR-10 class" if pred.ood else "passes: looks like CIFAR-10"
-        badge += (f"\n\nOut-of-distribution score **{pred.ood_score:.2f}** (threshold {lab.ood_threshold:.2f}, "
-                  f"{lab.assets['ood']['name']}): {verdict}; {1000 * pred.ood_seconds:.1f} ms.")
+        badge += (f"\n\nOut-of-distribution score **{pred.ood_score:.2f}**, threshold {lab.ood_threshold:.2f}: "
+                  f"{verdict} (detector: {lab.assets['ood']['name']}, {1000 * pred.ood_seconds:.1f} ms).")
     badge += "\n\nLatency: the first computation of this image on this server (results are cached)."
     return badge, pd.DataFrame(rows)
 

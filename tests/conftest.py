@@ -43,6 +43,7 @@ SLOW = (
     "test_report.py::test_tables_equal_the_meta_values_without_data",  # renders every figure of the report
     "test_demo_api.py::test_the_shipped_app_recognizes_the_shipped_cifar_examples",  # loads the shipped zoo
     "test_ensemble.py::test_cli_calibrate",
+    "test_deploy.py::test_the_uploaded_set_starts_the_app",                # a copy of the Space, started as a server
 )
 
 
