@@ -2,7 +2,8 @@
 
 Five tabs over whatever checkpoints exist under checkpoints/ (or $CIFAR_CHECKPOINTS), plus the int8
 ONNX edge models under exports/ (or $CIFAR_EXPORTS) as an option of the Classify tab. Named API
-endpoints for gradio_client: /predict, /predict_edge, /compare, /explain (see README.md).
+endpoints for gradio_client: /predict, /predict_edge, /compare, /explain (see README.md); with --mcp the same
+four are MCP tools.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def main(argv=None) -> None:
                                      "(default $CIFAR_EXPORTS or exports/)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--mcp", action="store_true",
+                   help="also serve the named endpoints (predict, predict_edge, compare, explain) as MCP tools at "
+                        "/gradio_api/mcp/ (streamable HTTP); GRADIO_MCP_SERVER=true does the same (on Spaces too)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
@@ -71,7 +75,8 @@ def main(argv=None) -> None:
     app = build_app(lab)
     logging.getLogger("demo").info("built in %.1fs with models %s, edge models %s", time.perf_counter() - t0,
                                    lab.names, lab.edge_names)
-    app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, **launch_kwargs())
+    app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
+               **launch_kwargs(mcp_server=True if args.mcp else None))  # None: Gradio reads GRADIO_MCP_SERVER
     # Serving now. Warm the caches in the background (this also imports Grad-CAM's heavy
     # dependencies), so the first click on an example answers instantly in every tab.
     def warm_up():

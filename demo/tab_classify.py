@@ -55,7 +55,7 @@ def classify_on_change(lab, upload):
         return None, None, f"### ❌ Could not use this image\n{e}. Try another file or one of the examples.", None
 
 
-def compare(lab, upload, k: float = 3):
+def compare_models(lab, upload, k: float = 3):
     """-> (agree/disagree badge, one row per model + the ensemble: top-k with probabilities, latency)."""
     k = int(k)
     if not 1 <= k <= len(CLASSES):
@@ -186,14 +186,42 @@ def build_classify(lab):
     # the OOD result as data: not shown (the notice says it in words), returned to gradio_client callers
     ood = gr.JSON(visible=False, label="Out-of-distribution result", elem_id="ood-json")
     outputs = [label, seen, notice, ood]
-    button.click(user_errors(lambda u: classify(lab, u)), image, outputs, api_name="predict",
-                 concurrency_id="models")
+
+    # The named endpoints are functions with Google-style docstrings: gradio_client's "Use via API" page and
+    # the MCP tools (python -m demo --mcp) take their names, descriptions and parameters from them.
+    def predict(image):
+        """Classify a photo as one of the 10 CIFAR-10 classes (airplane, automobile, bird, cat, deer, dog, frog,
+        horse, ship, truck) with the calibrated model ensemble, and check whether it looks like CIFAR-10 at all.
+
+        Args:
+            image: the photo (PNG, JPEG, WebP, GIF, BMP or TIFF, any size); the models see it as 32x32 pixels.
+
+        Returns:
+            the ensemble's top-5 classes with calibrated probabilities; the 32x32 image the models see (enlarged);
+            a one-sentence out-of-distribution notice; the out-of-distribution result as data (flagged, score,
+            threshold, detector).
+        """
+        return classify(lab, image)
+    button.click(user_errors(predict), image, outputs, api_name="predict", concurrency_id="models")
     image.change(user_errors(lambda u: classify_on_change(lab, u)), image, outputs, api_visibility="private",
                  concurrency_id="models", show_progress="minimal")
 
     edge_outputs = [edge_label, edge_info]
-    edge_button.click(user_errors(lambda u, m: classify_edge(lab, u, m)), [image, edge_model], edge_outputs,
-                      api_name="predict_edge", concurrency_id="models")
+    def predict_edge(image, model=None):
+        """Classify a photo with one small int8 ONNX edge model instead of the full ensemble (faster, a little
+        less accurate), and say what the full ensemble answers for comparison.
+
+        Args:
+            image: the photo (PNG, JPEG, WebP, GIF, BMP or TIFF, any size); the models see it as 32x32 pixels.
+            model: the edge model's name (e.g. cifar_cnn_small_distilled-int8); empty for the smallest file.
+
+        Returns:
+            the edge model's top-5 classes with calibrated probabilities; a note naming the file, its int8
+            quantization, its latency for this image and the full ensemble's answer.
+        """
+        return classify_edge(lab, image, model)
+    edge_button.click(user_errors(predict_edge), [image, edge_model], edge_outputs, api_name="predict_edge",
+                      concurrency_id="models")
     quiet = user_errors(lambda u, s, m: classify_edge_quietly(lab, u, s, m))
     for trigger in (image.change, edge_model.input):
         trigger(quiet, [image, serve, edge_model], edge_outputs, api_visibility="private", concurrency_id="models",
@@ -216,8 +244,20 @@ def build_compare(lab, image, tab):
         button = gr.Button("Compare", variant="primary")
     badge = gr.Markdown(elem_id="agree-badge")
     table = gr.Dataframe(label="Top-k per model", interactive=False, elem_id="compare-table")
-    fn = user_errors(lambda u, kk: compare(lab, u, kk))
-    button.click(fn, [image, k], [badge, table], api_name="compare", concurrency_id="models")
-    refresh = user_errors(lambda u, kk: compare(lab, u, kk) if u is not None else (gr.skip(), gr.skip()))
+    def compare(image, k=3):
+        """Compare every model of the ensemble on one photo: each model's top-k classes next to the ensemble's,
+        whether they agree, the out-of-distribution score, and each model's latency.
+
+        Args:
+            image: the photo (PNG, JPEG, WebP, GIF, BMP or TIFF, any size); the models see it as 32x32 pixels.
+            k: how many classes per model, 1 to 10.
+
+        Returns:
+            a markdown badge (agree or disagree, the out-of-distribution score and threshold); a table with one row
+            per model and one for the ensemble: top-k classes with probabilities and latency in ms.
+        """
+        return compare_models(lab, image, k)
+    button.click(user_errors(compare), [image, k], [badge, table], api_name="compare", concurrency_id="models")
+    refresh = user_errors(lambda u, kk: compare_models(lab, u, kk) if u is not None else (gr.skip(), gr.skip()))
     tab.select(refresh, [image, k], [badge, table], api_visibility="private", concurrency_id="models")
     k.release(refresh, [image, k], [badge, table], api_visibility="private", concurrency_id="models")

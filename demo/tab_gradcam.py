@@ -21,8 +21,8 @@ SLOW_METHODS = {"scorecam": "slow on CPU: a forward pass per feature channel, ab
 METHOD_INFO = "; ".join(f"{m} is {why}" for m, why in SLOW_METHODS.items()) + "; the others take about a second"
 
 
-def explain(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5, shared=False,
-            with_ensemble=True, progress=None):
+def explain_image(lab, upload, models, method="gradcam", target=PREDICTED, opacity=0.5, shared=False,
+                  with_ensemble=True, progress=None):
     """-> (gallery: the input, then (overlay, caption) per model and the ensemble; the ensemble's
     prediction as a clickable label)."""
     if method not in CAM_METHODS:
@@ -70,9 +70,26 @@ def build_gradcam(lab, image, tab):
                               elem_id="cam-label")
     inputs = [image, models, method, target, opacity, shared, with_ensemble]
     outputs = [gallery, prediction]
-    def run(upload, models, method, target, opacity, shared, with_ensemble, progress=gr.Progress()):
-        return explain(lab, upload, models, method, target, opacity, shared, with_ensemble, progress=progress)
-    fn = user_errors(run)
+    def explain(image, models, method="gradcam", target=PREDICTED, opacity=0.5, shared=False, with_ensemble=True,
+                progress=gr.Progress()):
+        """Show where each model looks when it classifies a photo: class-activation maps (Grad-CAM and
+        relatives) overlaid on the 32x32 image the models see, per model and for the weighted ensemble.
+
+        Args:
+            image: the photo (PNG, JPEG, WebP, GIF, BMP or TIFF, any size); the models see it as 32x32 pixels.
+            models: which models to explain: any of the ensemble's members (see the Compare tool's table).
+            method: gradcam, gradcam++, hirescam, layercam, eigencam or scorecam (slow: about 30 s per image).
+            target: the class to explain, one of the 10 CIFAR-10 classes, or "predicted (ensemble)".
+            opacity: how strongly the map covers the image, 0 to 1.
+            shared: one colour scale across all models (compares their strengths) instead of one per model.
+            with_ensemble: also show the ensemble's weighted map.
+
+        Returns:
+            a gallery: the input, then one overlay per model (and the ensemble) with a caption naming the model,
+            the class and its probability; the ensemble's prediction with probabilities.
+        """
+        return explain_image(lab, image, models, method, target, opacity, shared, with_ensemble, progress=progress)
+    fn = user_errors(explain)
     button.click(fn, inputs, outputs, api_name="explain", concurrency_id="models")
 
     def refresh(upload, models, method, target, opacity, shared, with_ensemble, progress=gr.Progress()):

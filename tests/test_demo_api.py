@@ -298,7 +298,7 @@ def test_both_start_commands_parse(command):
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, *command, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--checkpoints" in out.stdout
+    assert "--checkpoints" in out.stdout and "--mcp" in out.stdout
 
 
 def test_inline_data_url_uploads_reach_our_decoder(files):
@@ -362,3 +362,42 @@ def test_explain_reports_progress_per_model(lab, files):
     image = lab.decode(files["photo.png"].read_bytes())
     tiles = lab.explain(image, MODELS, "gradcam", None, progress=lambda done, total, model: calls.append((done, total, model)))
     assert calls == [(0, 2, "fake_0"), (1, 2, "fake_1")] and len(tiles) == 3
+
+
+def test_mcp_serves_the_named_endpoints_as_described_tools(lab, files):
+    """`python -m demo --mcp`: the four named endpoints are MCP tools whose descriptions come from their
+    docstrings; a tool call over the MCP protocol (mcp's own client, streamable HTTP) classifies an image, and
+    a bad file comes back as a tool error with the reason, not a crash."""
+    import asyncio
+    import base64
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    def data_url(path):
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    async def session(url):
+        async with streamablehttp_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                tools = (await s.list_tools()).tools
+                good = await s.call_tool("predict", {"image": data_url(files["photo.png"])})
+                compared = await s.call_tool("compare", {"image": data_url(files["photo.png"]), "k": 2})
+                bad = await s.call_tool("predict", {"image": data_url(files["notes.txt"])})
+                return tools, good, compared, bad
+
+    with launched(build_app(lab), mcp_server=True) as url:
+        tools, good, compared, bad = asyncio.run(session(url))
+    by_name = {t.name: t for t in tools}
+    assert {"predict", "predict_edge", "compare", "explain"} <= set(by_name)
+    for name in ("predict", "predict_edge", "compare", "explain"):
+        tool = by_name[name]
+        assert len(tool.description) > 60, (name, tool.description)
+        assert all(p.get("description") for p in tool.inputSchema["properties"].values()), (name, tool.inputSchema)
+    assert "CIFAR-10" in by_name["predict"].description and "Returns" in by_name["predict"].description
+    assert set(by_name["explain"].inputSchema["properties"]["models"]["items"]["enum"]) == set(MODELS)
+    text = " ".join(c.text for c in good.content if c.type == "text")
+    assert not good.isError and re.search("|".join(CLASSES), text) and "available" in text  # + the OOD field
+    assert not compared.isError and "ensemble" in " ".join(c.text for c in compared.content if c.type == "text")
+    assert bad.isError and "not an image" in " ".join(c.text for c in bad.content if c.type == "text")
