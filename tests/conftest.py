@@ -44,6 +44,7 @@ SLOW = (
     "test_demo_api.py::test_the_shipped_app_recognizes_the_shipped_cifar_examples",  # loads the shipped zoo
     "test_ensemble.py::test_cli_calibrate",
     "test_deploy.py::test_the_uploaded_set_starts_the_app",                # a copy of the Space, started as a server
+    "test_notebook.py::test_notebook_runs_top_to_bottom",                  # every level on a tiny budget
 )
 
 
