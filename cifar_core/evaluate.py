@@ -10,17 +10,24 @@ import torch.nn.functional as F
 from .data import CLASSES
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[dict]:
+    """Equal-width confidence bins that hold predictions: {"share", "confidence", "accuracy"} each (the points
+    of a reliability diagram)."""
     conf, pred = probs.max(1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
-            ece += in_bin.float().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
-    return float(ece)
+            out.append({"share": float(in_bin.float().mean()), "confidence": float(conf[in_bin].mean()),
+                        "accuracy": float(correct[in_bin].mean())})
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    return sum(b["share"] * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(probs, labels, bins))
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,

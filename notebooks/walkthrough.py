@@ -38,7 +38,6 @@
 # (see its PROVENANCE.md): about 2-3 points below published CIFAR-10 accuracies.
 
 # %%
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -193,7 +192,7 @@ plt.show()
 # for the ensemble: accuracy per confidence bin against the diagonal.
 
 # %%
-from cifar_core.evaluate import expected_calibration_error
+from cifar_core.evaluate import expected_calibration_error, reliability_bins
 
 images, labels = data.images[test], data.labels[test]
 member_probs = lab.ensemble.member_probs(images)
@@ -201,17 +200,10 @@ ens_probs = lab.ensemble.combine(member_probs)
 for name, probs in [(n, r["probs"]) for n, r in member_probs.items()] + [("ensemble", ens_probs)]:
     print(f"{name:24s} accuracy {(probs.argmax(1) == labels).float().mean():.3f} "
           f"ECE {expected_calibration_error(probs, labels):.4f}")
-conf, right = ens_probs.max(1).values, (ens_probs.argmax(1) == labels).float()
-bins = torch.linspace(0, 1, 11)
-centres, accs = [], []
-for lo, hi in zip(bins[:-1], bins[1:]):
-    inside = (conf > lo) & (conf <= hi)
-    if inside.sum() >= 5:
-        centres.append(float(conf[inside].mean()))
-        accs.append(float(right[inside].mean()))
+bins = reliability_bins(ens_probs, labels, bins=10)
 plt.figure(figsize=(3.5, 3.5))
 plt.plot([0, 1], [0, 1], "k--", lw=1)
-plt.plot(centres, accs, "o-")
+plt.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-")
 plt.xlabel("confidence")
 plt.ylabel("accuracy")
 plt.title("ensemble reliability (test)")
@@ -258,8 +250,8 @@ else:
         return 1000 * statistics.median(times)
     one = images[:1]
     plain = Predictor(torch_model.model, tta=0)
-    print(f"PyTorch fp32 {median_ms(plain.logits, one):.2f} ms, int8 ONNX {median_ms(edge.predictor.logits, one):.2f} ms "
-          "per image (batch 1, no TTA)")
+    print(f"PyTorch fp32 {median_ms(plain.logits, one):.2f} ms, "
+          f"int8 ONNX {median_ms(edge.predictor.logits, one):.2f} ms per image (batch 1, no TTA)")
     agree = (edge.predictor.logits(images).argmax(1) == plain.logits(images).argmax(1)).float().mean()
     print(f"int8 and fp32 agree on {agree:.1%} of 1,000 test images")
 

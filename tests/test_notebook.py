@@ -12,7 +12,8 @@ def test_notebook_is_paired_with_its_source_and_has_no_outputs():
     import nbformat
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code), "commit the notebook without outputs"
+    assert code and all(not c.outputs and c.execution_count is None for c in code), \
+        "commit the notebook without outputs"
     paired = jupytext.read(SOURCE)
     assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in paired.cells], \
         "walkthrough.ipynb and walkthrough.py differ: jupytext --sync notebooks/walkthrough.py"
