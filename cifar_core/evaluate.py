@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -71,12 +72,13 @@ def read_history(path: Path) -> list[dict]:
 
 def curves_figure(histories: dict[str, list[dict]], title: str = ""):
     """Loss and accuracy per epoch of one or more runs (name -> history), overlaid: one colour per
-    run, dashed train, solid validation. Returns the matplotlib Figure (closed for pyplot: the
-    caller saves or shows it, and pyplot does not keep every figure alive)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    run, dashed train, solid validation. Returns a matplotlib Figure for the caller to save or show.
+
+    Figures here are made without pyplot: no global backend switch (a notebook keeps its inline plots after
+    train() saved its curves), nothing for pyplot to keep alive, and safe on the demo's worker threads."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for i, (name, history) in enumerate(histories.items()):
         color = f"C{i % 10}"
         epochs = [r["epoch"] for r in history]
@@ -94,7 +96,6 @@ def curves_figure(histories: dict[str, list[dict]], title: str = ""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
@@ -104,12 +105,11 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
 
 
 def plot_confusion(confusion, path: Path, classes=CLASSES, title: str = "", normalize: bool = True) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: see curves_figure
     cm = torch.tensor(confusion, dtype=torch.float)
     shown = cm / cm.sum(1, keepdim=True).clamp(min=1) if normalize else cm
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     shown = shown.numpy()
     im = ax.imshow(shown, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -126,9 +126,9 @@ def plot_confusion(confusion, path: Path, classes=CLASSES, title: str = "", norm
 
 
 def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    if "matplotlib.pyplot" in sys.modules:  # a pyplot figure (the report's) is released; ours are not pyplot's
+        sys.modules["matplotlib.pyplot"].close(fig)
     tmp.replace(path)

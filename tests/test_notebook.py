@@ -27,6 +27,9 @@ def test_notebook_runs_top_to_bottom(data_dir, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # raises on a failing cell
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    # the class grid, per model vs ensemble, Grad-CAM, reliability: all shown, also after train() saved its plots
+    assert len(figures) == 4, f"{len(figures)} figures displayed"
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "level 1" in text and "level 3 test accuracy" in text and "int8 agrees with fp32" in text
     assert "tf_efficientnet_lite0" in text and "typicality" in text and "flagged" in text
