@@ -270,11 +270,12 @@ class Figures:
                 p.unlink()
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _subplots(*grid, figsize, **kw):
+    """(figure, axes) without pyplot, like evaluate.curves_figure: no global backend switch (a notebook that
+    builds the report keeps its inline plots), nothing for pyplot to keep alive."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
 
 
 _save = _save_figure  # atomic PNG write, shared with the checkpoint plots
@@ -282,8 +283,7 @@ _save = _save_figure  # atomic PNG write, shared with the checkpoint plots
 
 def plot_bars(labels: list[str], values: list[float], path: Path, title: str, reference: float | None = None,
               reference_label: str = "") -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+    fig, ax = _subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
     ax.bar(range(len(labels)), [100 * v for v in values], color="tab:blue")
     for i, v in enumerate(values):
         ax.text(i, 100 * v, f"{100 * v:.2f}", ha="center", va="bottom", fontsize=8)
@@ -305,11 +305,10 @@ def _rgb(image_u8) -> np.ndarray:
 
 def plot_samples(images, labels, probs, classes, path: Path, title: str) -> None:
     """A grid of images with true / predicted class and confidence; wrong predictions in red, framed."""
-    plt = _plt()
     n = len(images)
     cols = SAMPLE_COLUMNS
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows + 0.6), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
@@ -336,9 +335,8 @@ def plot_cam_grid(images, labels, rows: list[tuple[str, list[tuple[np.ndarray, i
     """Columns: images. First row the inputs, then one row per model of (map in [0, 1], explained
     class, its probability): the overlay, captioned with that class, red when it is not the true one."""
     from .explain import overlay
-    plt = _plt()
     n = len(images)
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.6 * n + 1.2, 1.8 * (1 + len(rows)) + 0.5), squeeze=False)
+    fig, axes = _subplots(1 + len(rows), n, figsize=(1.6 * n + 1.2, 1.8 * (1 + len(rows)) + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
