@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from cifar_core.checkpoint import atomic_write_json, now_iso
-from cifar_core.data import load_cifar10, make_split
+from cifar_core.data import CLASSES, load_cifar10, make_split
+from cifar_core.engine import stratified_subset
 from cifar_core.ensemble import Ensemble, EnsembleError, load_zoo, shared_split
 from cifar_core.evaluate import format_table
-from cifar_core.ood import (KNN_K, METHODS, auroc_fpr, compact, detector_state, fit_detector, msp_of_ensemble,
-                            state_bytes, stratified_subset, vim_dim, zoo_outputs)
+from cifar_core.ood import (KNN_K, METHODS, auroc_fpr, compact, detector_state, ensemble_probs_of, fit_detector,
+                            msp_of_ensemble, state_bytes, vim_dim, zoo_outputs)
 from cifar_core.oodsets import GROUPS, load_ood_sets, ood_cache_dir
 from cifar_core.paths import checkpoints_dir
 from cifar_core.runtime import keep_freed_memory
@@ -122,11 +123,10 @@ def main(argv=None) -> int:
               f"{recorded['fingerprint']}", file=sys.stderr)
         return 2
     per_class, n_eval = (30, 300) if args.quick else (args.train_per_class, None)
-    train = split.train[stratified_subset(data.labels[split.train], per_class)]
-    val, test = split.val[:n_eval], split.test[:n_eval]
+    train = split.train[stratified_subset(data.labels[split.train], per_class * len(CLASSES), seed=0)]
+    val, test = split.val, split.test
     if n_eval:  # the split's indices are sorted; a spread-out subset covers every class
-        val = split.val[torch.linspace(0, len(split.val) - 1, n_eval).long()]
-        test = split.test[torch.linspace(0, len(split.test) - 1, n_eval).long()]
+        val, test = (s[torch.linspace(0, len(s) - 1, n_eval).long()] for s in (split.val, split.test))
     sets = load_ood_sets()
     ood_val, ood_test = sets["val"], sets["test"]
     if args.quick:
@@ -140,9 +140,7 @@ def main(argv=None) -> int:
     print(f"features of {len(train)} train, {len(val)} val, {len(test)} test, {len(ood_val['images'])} + "
           f"{len(ood_test['images'])} OOD images in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     y_train = data.labels[train]
-    test_probs = ensemble.combine({m.name: {"probs": torch.softmax(outputs["test_id"][m.name][0] /
-                                                                   m.predictor.temperature, 1)} for m in members})
-    correct = test_probs.argmax(1) == data.labels[test]
+    correct = ensemble_probs_of(ensemble, outputs["test_id"]).argmax(1) == data.labels[test]
 
     rows = []
     # the notice until now: the max calibrated ensemble probability
@@ -151,14 +149,13 @@ def main(argv=None) -> int:
     rows.append({"scope": "ensemble", "detector": "msp (ensemble probabilities; until now)", "setting": "-",
                  **evaluate(msp, ood_test["group"], keep, correct), "extra ms": 0.0, "state MB": "-"})
     scopes = [("ensemble", members, ensemble.weights)] + [(m.name, [m], [1.0]) for m in members]
-    fitted = {}
     for scope, chosen, weights in scopes:
         for method in METHODS:
-            dim = outputs["train"][chosen[-1].name][1].shape[1]
-            for option in options_for(method, dim if len(chosen) == 1 else min(
-                    outputs["train"][m.name][1].shape[1] for m in chosen)):
-                if method == "vim" and len(chosen) > 1:  # each member its own subspace size
-                    option = {}
+            if method == "vim" and len(chosen) > 1:  # each member its own subspace size (vim_dim)
+                options = [{}]
+            else:
+                options = options_for(method, outputs["train"][chosen[0].name][1].shape[1])
+            for option in options:
                 t1 = time.perf_counter()
                 det = fit_detector(method, chosen, outputs["train"], y_train, outputs["val_id"], weights, **option)
                 scores = {k: det.outlier_score(v) for k, v in outputs.items() if k != "train"}
@@ -170,11 +167,8 @@ def main(argv=None) -> int:
                        "extra ms": extra_ms(det, outputs["test_id"], args.repeats),
                        "state MB": state_bytes(compact(tensors)) / 2**20}
                 rows.append(row)
-                fitted[(scope, method, setting)] = det
                 print(f"  {scope} {method} {setting}: val AUROC {row['val AUROC']:.4f} "
                       f"({time.perf_counter() - t1:.1f}s)", file=sys.stderr)
-                if method == "vim" and len(chosen) > 1:
-                    break
 
     best = choose([r for r in rows if r["scope"] == "ensemble" and isinstance(r["state MB"], float)])
     cols = ["scope", "detector", "setting", "val AUROC", "far AUROC", "FPR95", *[f"{g} AUROC" for g in GROUPS],

@@ -17,10 +17,11 @@ import torch
 
 from . import paths
 from .data import CLASSES
+from .engine import stratified_subset
 from .ensemble import fit_identity
 from .evaluate import metrics_from_logits
 from .ood import (KEEP_IN_DISTRIBUTION, STATE_FILE as OOD_FILE, compact, detector_from_state, detector_state,
-                  fit_detector, stratified_subset, zoo_outputs)
+                  fit_detector, zoo_outputs)
 
 OOD_RESULTS = paths.REPO / "results" / "ood.json"   # benchmarks/ood.py's choice of detector
 OOD_TRAIN_PER_CLASS = 1000    # train images per class the shipped detector is fitted on (as in the benchmark)
@@ -72,7 +73,7 @@ def fit_ood(lab, data, split, method: str, options: dict, train_per_class: int =
     """The zoo's OOD detector: fitted on a stratified subset of train images, standardized and thresholded on
     the val images. Its large tensors are stored in fp16; the reference scores are recomputed after that
     rounding, so the shipped threshold belongs to the shipped numbers. -> (Detector, tensors, meta)."""
-    train = split.train[stratified_subset(data.labels[split.train], train_per_class)]
+    train = split.train[stratified_subset(data.labels[split.train], train_per_class * len(CLASSES), seed=0)]
     held_out = split.val if len(split.val) else split.test
     train_out = zoo_outputs(lab.members, data.images[train], cache=True)
     val_out = zoo_outputs(lab.members, data.images[held_out], cache=True)

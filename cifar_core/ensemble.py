@@ -127,8 +127,7 @@ class Ensemble:
             t0 = time.perf_counter()
             if features:
                 logits, feats = m.predictor.logits_and_features(images_u8)
-                probs = torch.softmax(logits / m.predictor.temperature, dim=1)  # as Predictor.probs
-                out[m.name] = {"probs": probs, "logits": logits, "features": feats}
+                out[m.name] = {"probs": m.predictor.calibrated(logits), "logits": logits, "features": feats}
             else:
                 out[m.name] = {"probs": m.predictor.probs(images_u8)}
             out[m.name]["seconds"] = time.perf_counter() - t0

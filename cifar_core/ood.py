@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .models.registry import linear_head
@@ -38,7 +37,7 @@ KNN_K = 50   # the paper's value for CIFAR-10 (Sun et al. 2022)
 
 def vim_dim(feature_dim: int) -> int:
     """ViM's principal-subspace size: half the width of narrow features, 512 of wide ones (the paper's
-    choice for ~1000-dim+ features); a validation sweep (benchmarks/ood.py --sweep) checks the choice."""
+    choice for ~1000-dim+ features); benchmarks/ood.py also tries a quarter and an eighth per model."""
     return min(512, feature_dim // 2)
 
 
@@ -155,21 +154,14 @@ def fit_detector(method: str, members, train_outputs: dict, train_labels: torch.
     return det.calibrate(val_outputs)
 
 
+def ensemble_probs_of(ensemble, outputs: dict) -> torch.Tensor:
+    """The ensemble's calibrated probabilities from zoo_outputs() (no second forward pass)."""
+    return ensemble.combine({m.name: {"probs": m.predictor.calibrated(outputs[m.name][0])} for m in ensemble.members})
+
+
 def msp_of_ensemble(ensemble, outputs: dict) -> torch.Tensor:
     """The previous notice's score, as an outlier score: minus the max calibrated ensemble probability."""
-    probs = ensemble.combine({m.name: {"probs": torch.softmax(outputs[m.name][0] / m.predictor.temperature, 1)}
-                              for m in ensemble.members})
-    return -probs.max(1).values
-
-
-def stratified_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
-    """`per_class` positions of each class (a fixed random draw), sorted."""
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in labels.unique().tolist():
-        where = torch.nonzero(labels == c).flatten()
-        picks.append(where[torch.randperm(len(where), generator=g)[:per_class]])
-    return torch.cat(picks).sort().values
+    return -ensemble_probs_of(ensemble, outputs).max(1).values
 
 
 def auroc_fpr(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> tuple[float, float]:
@@ -181,10 +173,6 @@ def auroc_fpr(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> tuple[float,
     scores = -torch.cat([id_scores, ood_scores]).double()
     labels = torch.cat([-torch.ones(len(id_scores)), torch.zeros(len(ood_scores))]).long()
     return float(auroc(scores, labels)), float(fpr_at_tpr(scores, labels, 0.95))
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 # -- persistence: the fitted detector ships beside the checkpoints (demo/assets/ood.safetensors) ---------------

@@ -118,4 +118,8 @@ class Predictor:
         return torch.cat(outs), (torch.cat(feats) if features else None)
 
     def probs(self, images_u8: torch.Tensor, tta: int | None = None) -> torch.Tensor:
-        return torch.softmax(self.logits(images_u8, tta) / self.temperature, dim=1)
+        return self.calibrated(self.logits(images_u8, tta))
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """This model's logits -> its temperature-calibrated probabilities."""
+        return torch.softmax(logits / self.temperature, dim=1)

@@ -11,13 +11,17 @@ from cifar_core.runtime import keep_freed_memory
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_benchmark(name: str):
-    """A script of benchmarks/ (not a package) as a module, for tests of its tables and configurations."""
+def load_script(name: str, folder: str = "benchmarks"):
+    """A script of benchmarks/ or scripts/ (not packages) as a module, for tests of its tables and functions."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    return load_script(name, "benchmarks")
 
 keep_freed_memory()  # as train.py does: the 192-px shipped model runs 3x faster without per-batch page faults
 

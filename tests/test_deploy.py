@@ -1,28 +1,17 @@
 """scripts/deploy_space.py: the Space gets an allow-listed set, the dry run says what, and that exact set
 starts the app (copied to an empty folder, started there, asked over HTTP)."""
-import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cifar_core.data import CLASSES
+from conftest import ROOT, load_script
+from demo.testing import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_deploy():
-    spec = importlib.util.spec_from_file_location("deploy_space", ROOT / "scripts" / "deploy_space.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-deploy = load_deploy()
+deploy = load_script("deploy_space", "scripts")
 
 
 def front_matter() -> dict:
@@ -75,12 +64,6 @@ def test_the_space_config_and_requirements():
     names = {p.split("==")[0].split("[")[0].lower() for p in packages}
     assert not names & {"pytest", "playwright", "httpx", "scikit-image", "ruff"}
     assert {"torch", "gradio", "safetensors", "pytorch-ood"} <= names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_uploaded_set_starts_the_app(tmp_path):
