@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from cachetools import LRUCache
 
-from . import paths
+from . import paths, timing
+from .batching import Batcher
 from .data import CLASSES
 from .edge import NO_GRADCAM, EdgeModel, load_edge_models, smallest
 from .ensemble import FIT_FILE, Ensemble, load_zoo
@@ -28,6 +29,10 @@ from .images import decode_for_model
 
 ASSETS_DIR = paths.DEFAULT_ASSETS
 ENSEMBLE = "ensemble"
+# Concurrent requests batched into one forward pass, at most: the 3 members cost 25 ms per image in a batch of 8
+# against 31 for one image on this 2-core CPU (python benchmarks/serving_latency.py --threads-only); larger
+# batches gain little and make the first in line wait longer.
+MAX_BATCH = 8
 
 
 class BoundedCache:
@@ -57,6 +62,7 @@ class Prediction:
     ood_score: float | None           # typicality in [0, 1] (cifar_core/ood.py); None when the check is off
     ood: bool | None                  # flagged as out of distribution; None when the check is off
     ood_seconds: float = 0.0          # the detector's own arithmetic for this image
+    batch: int = 1                    # images that shared these forward passes (concurrent requests, batching.py)
 
     @property
     def top(self) -> int:
@@ -107,6 +113,7 @@ class Lab:
         self.assets = read_assets(self.assets_dir)
         self.ood_detector, self.ood_problem = self._load_ood()
         self._predictions = BoundedCache(512)
+        self._batcher = Batcher(self._predict_batch, max_batch=MAX_BATCH)
         self._explanations = BoundedCache(2048)
         self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
         self._edge_lock = threading.Lock()
@@ -158,26 +165,46 @@ class Lab:
     # -- predictions ------------------------------------------------------------------------
 
     def decode(self, upload) -> torch.Tensor:
-        return decode_for_model(upload)
+        with timing.stage("decode"):
+            return decode_for_model(upload)
 
     def predict(self, image: torch.Tensor) -> Prediction:
+        """The ensemble's answer for one uint8 3x32x32 image, cached per image. Concurrent calls share forward
+        passes (cifar_core/batching.py): a lone request runs at once, a burst runs as batches."""
         key = image_key(image)
         cached = self._predictions.get(key)
         if cached is not None:
-            return cached
+            with timing.stage("cached"):  # marks the record as answered from the cache
+                return cached
+        return self._batcher.submit((key, image))
+
+    @property
+    def batching(self) -> dict:
+        """How many batches the predictions ran in, and how many images they held, since start."""
+        return {"batches": self._batcher.batches, "images": self._batcher.items, "max_batch": self._batcher.max_batch}
+
+    def _predict_batch(self, items: list[tuple[str, torch.Tensor]]) -> list[Prediction]:
+        unique = dict(items)  # the same image twice in one batch runs once
         detector = self.ood_detector
-        member = self.ensemble.member_probs(image[None], features=detector is not None)
-        probs = self.ensemble.combine(member)[0].numpy()
-        score, flagged, ood_seconds = None, None, 0.0
+        member = self.ensemble.member_probs(torch.stack(list(unique.values())), features=detector is not None)
+        with timing.stage("ensemble"):
+            probs = self.ensemble.combine(member).numpy()
+        scores, ood_seconds = None, 0.0
         if detector is not None:
             t0 = time.perf_counter()
-            score = float(detector.typicality({n: (r["logits"], r["features"]) for n, r in member.items()})[0])
-            flagged, ood_seconds = score < detector.threshold, time.perf_counter() - t0
-        return self._predictions.put(key, Prediction(
-            image=image, probs=probs,
-            members={n: r["probs"][0].numpy() for n, r in member.items()},
-            seconds={n: r["seconds"] for n, r in member.items()},
-            ood_score=score, ood=flagged, ood_seconds=ood_seconds))
+            with timing.stage("ood"):
+                scores = detector.typicality({n: (r["logits"], r["features"]) for n, r in member.items()})
+            ood_seconds = (time.perf_counter() - t0) / len(unique)
+        predictions = {}
+        for i, (key, image) in enumerate(unique.items()):
+            score = None if scores is None else float(scores[i])
+            predictions[key] = self._predictions.put(key, Prediction(
+                image=image, probs=probs[i],
+                members={n: r["probs"][i].numpy() for n, r in member.items()},
+                seconds={n: r["seconds"] for n, r in member.items()},
+                ood_score=score, ood=None if score is None else score < detector.threshold,
+                ood_seconds=ood_seconds, batch=len(unique)))
+        return [predictions[key] for key, _ in items]
 
     def warm_up(self, uploads, method: str = "gradcam") -> None:
         """Fill the caches for the example images (run in a background thread after launch), so

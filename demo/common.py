@@ -11,11 +11,17 @@ import torch
 from PIL import Image
 
 from cifar_core.data import CLASSES
+from cifar_core.serving import MAX_BATCH
 from cifar_core.images import ImageInputError
 
 from .upload import UploadImage
 
 log = logging.getLogger("demo")
+# Queue lanes (Gradio concurrency ids). Predictions of concurrent users are batched into shared forward passes
+# (cifar_core/batching.py), so up to MAX_BATCH of them run at once; explanations, heavy and one model at a
+# time, share the app's default limit (demo/app.py WORKERS).
+PREDICT_EVENTS = dict(concurrency_id="predict", concurrency_limit=MAX_BATCH)
+MODEL_EVENTS = dict(concurrency_id="models")
 PREDICTED = "predicted (ensemble)"
 ANY = "any"
 

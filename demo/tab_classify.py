@@ -7,10 +7,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from cifar_core import timing
 from cifar_core.data import CLASSES
 from cifar_core.images import ImageInputError
 
-from .common import confidences, enlarged, image_input, log, require_image, user_errors
+from .common import PREDICT_EVENTS, confidences, enlarged, image_input, log, require_image, user_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 REPO = Path(__file__).resolve().parent.parent
@@ -37,10 +38,27 @@ def ood_notice(lab, pred) -> str:
     return f"Looks like CIFAR-10. {why}"
 
 
+def answer_time(stages: dict, pred) -> str:
+    """One line: how long this answer took on the server, and where the time went (cifar_core.timing)."""
+    ms = {k: 1000 * v for k, v in stages.items()}
+    total = ms.get(timing.TOTAL, 0.0)
+    if "cached" in ms:
+        first = 1000 * (sum(pred.seconds.values()) + pred.ood_seconds)
+        return (f"Answered in **{total:.1f} ms** on the server, from its cache (first computed in {first:.0f} ms; "
+                f"decode {ms.get('decode', 0):.1f} ms).")
+    models = sum(v for k, v in ms.items() if k.split(":")[0] in ("wait", "preprocess", "forward"))
+    parts = [f"decode {ms.get('decode', 0):.1f}", f"{len(pred.members)} model(s) {models:.0f}"]
+    if "ood" in ms:
+        parts.append(f"OOD check {ms['ood']:.1f}")
+    return f"Answered in **{total:.0f} ms** on the server ({', '.join(parts)} ms)."
+
+
 def classify(lab, upload):
-    """-> (ensemble top-5, the 32x32 image the models see, OOD notice, OOD result as data)."""
-    pred = lab.predict(require_image(lab, upload))
-    return confidences(pred.probs), enlarged(pred.image), ood_notice(lab, pred), lab.ood_result(pred)
+    """-> (ensemble top-5, the 32x32 image the models see, OOD notice + answer time, OOD result as data)."""
+    with timing.record("gradio:predict") as stages:
+        pred = lab.predict(require_image(lab, upload))
+    notice = f"{ood_notice(lab, pred)}\n\n{answer_time(stages, pred)}"
+    return confidences(pred.probs), enlarged(pred.image), notice, lab.ood_result(pred)
 
 
 def classify_on_change(lab, upload):
@@ -85,7 +103,8 @@ def compare_models(lab, upload, k: float = 3):
         verdict = "**flagged**: not like any CIFAR-10 class" if pred.ood else "passes: looks like CIFAR-10"
         badge += (f"\n\nOut-of-distribution score **{pred.ood_score:.2f}**, threshold {lab.ood_threshold:.2f}: "
                   f"{verdict} (detector: {lab.assets['ood']['name']}, {1000 * pred.ood_seconds:.1f} ms).")
-    badge += "\n\nLatency: the first computation of this image on this server (results are cached)."
+    badge += "\n\nLatency: the first computation of this image on this server (results are cached)"
+    badge += (f", in one batch with {pred.batch - 1} other concurrent request(s)." if pred.batch > 1 else ".")
     return badge, pd.DataFrame(rows)
 
 
@@ -202,9 +221,9 @@ def build_classify(lab):
             threshold, detector).
         """
         return classify(lab, image)
-    button.click(user_errors(predict), image, outputs, api_name="predict", concurrency_id="models")
+    button.click(user_errors(predict), image, outputs, api_name="predict", **PREDICT_EVENTS)
     image.change(user_errors(lambda u: classify_on_change(lab, u)), image, outputs, api_visibility="private",
-                 concurrency_id="models", show_progress="minimal")
+                 **PREDICT_EVENTS, show_progress="minimal")
 
     edge_outputs = [edge_label, edge_info]
     def predict_edge(image, model=None):
@@ -221,10 +240,10 @@ def build_classify(lab):
         """
         return classify_edge(lab, image, model)
     edge_button.click(user_errors(predict_edge), [image, edge_model], edge_outputs, api_name="predict_edge",
-                      concurrency_id="models")
+                      **PREDICT_EVENTS)
     quiet = user_errors(lambda u, s, m: classify_edge_quietly(lab, u, s, m))
     for trigger in (image.change, edge_model.input):
-        trigger(quiet, [image, serve, edge_model], edge_outputs, api_visibility="private", concurrency_id="models",
+        trigger(quiet, [image, serve, edge_model], edge_outputs, api_visibility="private", **PREDICT_EVENTS,
                 show_progress="minimal")
 
     def switch(upload, mode, model):
@@ -233,7 +252,7 @@ def build_classify(lab):
             return gr.Column(visible=False), gr.skip(), ""
         return (gr.Column(visible=True), *classify_edge_quietly(lab, upload, mode, model))
     serve.change(user_errors(switch), [image, serve, edge_model], [edge_panel, *edge_outputs],
-                 api_visibility="private", concurrency_id="models")
+                 api_visibility="private", **PREDICT_EVENTS)
     return image
 
 
@@ -257,7 +276,7 @@ def build_compare(lab, image, tab):
             per model and one for the ensemble: top-k classes with probabilities and latency in ms.
         """
         return compare_models(lab, image, k)
-    button.click(user_errors(compare), [image, k], [badge, table], api_name="compare", concurrency_id="models")
+    button.click(user_errors(compare), [image, k], [badge, table], api_name="compare", **PREDICT_EVENTS)
     refresh = user_errors(lambda u, kk: compare_models(lab, u, kk) if u is not None else (gr.skip(), gr.skip()))
-    tab.select(refresh, [image, k], [badge, table], api_visibility="private", concurrency_id="models")
-    k.release(refresh, [image, k], [badge, table], api_visibility="private", concurrency_id="models")
+    tab.select(refresh, [image, k], [badge, table], api_visibility="private", **PREDICT_EVENTS)
+    k.release(refresh, [image, k], [badge, table], api_visibility="private", **PREDICT_EVENTS)

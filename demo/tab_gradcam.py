@@ -6,7 +6,7 @@ import gradio as gr
 from cifar_core.data import CLASSES
 from cifar_core.edge import NO_GRADCAM
 
-from .common import PREDICTED, class_index, confidences, enlarged, require_image, user_errors
+from .common import MODEL_EVENTS, PREDICTED, class_index, confidences, enlarged, require_image, user_errors
 
 
 # The keys of cifar_core.explain.METHODS. Importing that module pulls in pytorch_grad_cam and
@@ -90,25 +90,25 @@ def build_gradcam(lab, image, tab):
         """
         return explain_image(lab, image, models, method, target, opacity, shared, with_ensemble, progress=progress)
     fn = user_errors(explain)
-    button.click(fn, inputs, outputs, api_name="explain", concurrency_id="models")
+    button.click(fn, inputs, outputs, api_name="explain", **MODEL_EVENTS)
 
     def refresh(upload, models, method, target, opacity, shared, with_ensemble, progress=gr.Progress()):
         """UI-driven updates: quietly do nothing until there is an image."""
         if upload is None:
             return gr.skip(), gr.skip()
         return fn(upload, models, method, target, opacity, shared, with_ensemble, progress=progress)
-    tab.select(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
+    tab.select(refresh, inputs, outputs, api_visibility="private", **MODEL_EVENTS)
     # One user action, one job: a Dropdown's `input` fires twice per pick in Gradio 6.31 (both queue a full
     # Grad-CAM run, ~30 s for scorecam on CPU), so dropdowns listen to `select` (user picks only).
     for control in (models, shared, with_ensemble):
-        control.input(refresh, inputs, outputs, api_visibility="private", concurrency_id="models",
+        control.input(refresh, inputs, outputs, api_visibility="private", **MODEL_EVENTS,
                       trigger_mode="always_last")
     for control in (method, target):
-        control.select(refresh, inputs, outputs, api_visibility="private", concurrency_id="models",
+        control.select(refresh, inputs, outputs, api_visibility="private", **MODEL_EVENTS,
                        trigger_mode="always_last")
-    opacity.release(refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
+    opacity.release(refresh, inputs, outputs, api_visibility="private", **MODEL_EVENTS)
 
     def retarget(evt: gr.SelectData):
         return evt.value if evt.value in CLASSES else gr.skip()
     prediction.select(retarget, None, target, api_visibility="private").then(
-        refresh, inputs, outputs, api_visibility="private", concurrency_id="models")
+        refresh, inputs, outputs, api_visibility="private", **MODEL_EVENTS)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cifar_core.data import CLASSES
 
-from .common import ANY, class_index, user_errors
+from .common import ANY, MODEL_EVENTS, class_index, user_errors
 
 THUMB = 96
 
@@ -136,4 +136,4 @@ def build_mistakes(lab):
 
     def pick(indices, evt: gr.SelectData):
         return inspect(lab, mistakes, indices[evt.index])
-    gallery.select(user_errors(pick), shown, [table, cams], api_visibility="private", concurrency_id="models")
+    gallery.select(user_errors(pick), shown, [table, cams], api_visibility="private", **MODEL_EVENTS)

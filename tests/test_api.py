@@ -1,6 +1,7 @@
 """The REST API over real HTTP: uvicorn in a subprocess (the documented command), a tiny zoo of
 one untrained checkpoint plus its int8 export, and every endpoint with good and bad input.
 Bad input must always be a 4xx with a readable `detail`, never a 500."""
+import contextlib
 import io
 import os
 import socket
@@ -54,12 +55,13 @@ def server_log(tiny_zoo) -> Path:
     return tiny_zoo / "server.log"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_zoo, server_log):
+@contextlib.contextmanager
+def serving(tiny_zoo, log_path: Path, **env_extra):
+    """uvicorn with the documented command over the tiny zoo, in a subprocess; yields an httpx client."""
     port = free_port()
     env = {**os.environ, "CIFAR_CHECKPOINTS": str(tiny_zoo / "checkpoints"), "CIFAR_EXPORTS": str(tiny_zoo / "exports"),
-           "OMP_NUM_THREADS": "1"}
-    log_file = server_log.open("w")
+           "OMP_NUM_THREADS": "1", **env_extra}
+    log_file = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
                              "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
@@ -68,7 +70,7 @@ def server(tiny_zoo, server_log):
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{server_log.read_text()}")
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
@@ -88,6 +90,12 @@ def server(tiny_zoo, server_log):
         log_file.close()
 
 
+@pytest.fixture(scope="module")
+def server(tiny_zoo, server_log):
+    with serving(tiny_zoo, server_log) as client:
+        yield client
+
+
 def predict(server, data: bytes, name="photo.png", **params):
     return server.post("/api/v1/predict", files={"file": (name, data, "application/octet-stream")}, params=params)
 
@@ -98,7 +106,18 @@ def predict(server, data: bytes, name="photo.png", **params):
 
 def test_healthz_and_models(server):
     health = server.get("/healthz").json()
+    queue = health.pop("queue")
     assert health == {"status": "ok", "models": ["tiny"], "edge_models": ["tiny-int8"], "demo": True}
+    from api.app import GATES
+    for gate in ("predict", "explain"):
+        limits = GATES[gate]
+        assert queue[f"rest_{gate}"] | {"running": 0, "waiting": 0, "refused": 0} == {
+            "running": 0, "waiting": 0, "refused": 0, "workers": limits.workers, "max_waiting": limits.waiting,
+            "max_wait_s": limits.wait_s}
+    assert GATES["predict"].workers > GATES["explain"].workers  # predictions batch, explanations do not
+    demo = queue["demo"]  # the mounted demo's Gradio queue: its two lanes
+    assert demo["waiting"] == 0 and demo["max_waiting"] == 32
+    assert demo["lanes"]["predict"]["workers"] == GATES["predict"].workers and demo["lanes"]["models"]["workers"] == 2
     models = server.get("/api/v1/models").json()
     names = {m["name"]: m for m in models["models"]}
     assert set(names) == {"tiny", "tiny-int8"}
@@ -210,3 +229,47 @@ def test_user_errors_log_no_traceback(server, server_log):
     assert "POST /api/v1/predict" in log and "Traceback" not in log, log[-3000:]
     # one line each, saying what was wrong
     assert "/api/v1/predict -> 400: " in log and "/api/v1/predict -> 422: " in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes, and load
+# ---------------------------------------------------------------------------------------------
+
+def test_answers_carry_server_timing_and_stats_summarize_them(server):
+    server.get("/api/v1/stats", params={"clear": True})
+    r = predict(server, png_bytes(color=(1, 2, 3)))
+    assert r.status_code == 200
+    stages = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert {"decode", "forward-tiny", "ensemble", "serialize", "total"} <= set(stages), stages
+    assert float(stages["total"]) >= float(stages["forward-tiny"]) > 0
+    sources = server.get("/api/v1/stats").json()["sources"]
+    assert sources["rest:predict"]["n"] == 1
+    assert set(sources["rest:predict"]["stages"]) >= {"decode", "forward:tiny", "total"}
+
+
+def test_a_burst_beyond_capacity_is_refused_promptly_with_503(tiny_zoo):
+    """One worker and one waiting place: of a burst of slow (Score-CAM) requests, the ones beyond capacity get
+    503 + Retry-After + a message, none waits past the stated limit, every other answer is a 200, and the
+    server serves normally afterwards. Status codes only, no timing assertions."""
+    from concurrent.futures import ThreadPoolExecutor
+    with serving(tiny_zoo, tiny_zoo / "busy.log", CIFAR_API_EXPLAIN_WORKERS="1", CIFAR_API_EXPLAIN_QUEUE="1",
+                 CIFAR_API_EXPLAIN_WAIT_S="30", CIFAR_API_DEMO="0") as client:
+        assert client.get("/healthz").json()["queue"]["rest_explain"]["max_waiting"] == 1
+
+        def explain(i):
+            data = png_bytes(color=(i, 2 * i, 3 * i))  # distinct images: no cached answer
+            return client.post("/api/v1/explain", files={"file": ("x.png", data, "image/png")},
+                               params={"method": "scorecam", "model": "tiny"}, timeout=90)
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(explain, range(10)))
+        codes = [r.status_code for r in answers]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+        for r in answers:
+            if r.status_code == 503:
+                assert "busy" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1
+            else:
+                assert r.headers["content-type"] == "image/png"
+        health = client.get("/healthz").json()["queue"]["rest_explain"]
+        assert health["refused"] == codes.count(503) and health["running"] == health["waiting"] == 0
+        assert predict(client, png_bytes(color=(9, 9, 9))).status_code == 200  # recovered
+        assert "-> 503: the server is busy" in (tiny_zoo / "busy.log").read_text()

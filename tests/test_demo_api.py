@@ -135,6 +135,17 @@ def test_predict_accepts_any_image(client, files, name):
     assert notice  # either the OOD notice or the in-distribution line
 
 
+def test_classify_says_how_long_its_answer_took(client, files):
+    """The Classify notice ends with the answer's time on the server: computed, then from the cache."""
+    path = handle_file(str(files["photo.jpg"]))
+    first = client.predict(path, api_name="/predict")[2]
+    again = client.predict(path, api_name="/predict")[2]
+    assert re.search(r"Answered in \*\*[\d.]+ ms\*\* on the server \(decode [\d.]+, \d+ model\(s\) \d+", first) or \
+        "from its cache" in first, first  # an earlier test may have classified this file already
+    assert re.search(r"Answered in \*\*[\d.]+ ms\*\* on the server, from its cache \(first computed in \d+ ms",
+                     again), again
+
+
 def test_predict_on_shipped_examples(client):
     examples = example_files()
     assert any("cifar_" in e for e in examples) and any("photo_" in e for e in examples)

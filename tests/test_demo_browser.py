@@ -82,6 +82,7 @@ def test_upload_classify_then_gradcam_then_metrics(page):
     assert top_label(page) in CLASSES
     playwright.expect(page.locator("#seen img")).to_be_visible()
     playwright.expect(page.locator("#ood-notice")).to_contain_text(re.compile("distribution|CIFAR-10"))
+    playwright.expect(page.locator("#ood-notice")).to_contain_text(re.compile(r"Answered in [\d.]+ ms on the server"))
     shot(page, "1_classify")
 
     page.get_by_role("tab", name="Grad-CAM").click()
