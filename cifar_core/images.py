@@ -63,8 +63,9 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(source) -> Image.Image:
-    """Decode a path / bytes / PIL image / HxW(x3|4) uint8 array into an upright RGB PIL image."""
+def load_image(source, draft_side: int = MODEL_SIZE * 4) -> Image.Image:
+    """Decode a path / bytes / PIL image / HxW(x3|4) uint8 array into an upright RGB PIL image. A large JPEG is
+    decoded at a reduced scale that keeps both sides >= draft_side (the 32x32 models need 128)."""
     if isinstance(source, np.ndarray):
         return _from_array(source)
     if isinstance(source, Image.Image):
@@ -94,7 +95,7 @@ def load_image(source) -> Image.Image:
             im.seek(0)  # animated GIF/WebP/TIFF: classify the first frame
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
             # A phone photo is decoded at 1/2..1/8 scale directly (still >= 4x the model's side): much faster.
-            im.draft(im.mode, (MODEL_SIZE * 4, MODEL_SIZE * 4))
+            im.draft(im.mode, (draft_side, draft_side))
         im.load()  # decode now, so truncation is reported here and not later
         im = ImageOps.exif_transpose(im)
         return _to_8bit_rgb(im)

@@ -89,23 +89,31 @@ def _sklearn(name: str) -> Image.Image:
     return Image.fromarray(load_sample_image(name))
 
 
-def photos(split: str, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[str]]:
+def photo_uploads(split: str, rng: np.random.Generator | None = None) -> tuple[list[Image.Image], list[str]]:
+    """The photos group as uploaded, before the 32x32 reduction: crops at their own resolution (up to 512 px)
+    and LFW's 25x25 patches. `rng` defaults to the one build_split gives the photos group."""
+    rng = rng if rng is not None else np.random.default_rng(SEEDS[split] + 1000 * GROUPS.index("photos"))
     sources = [(f"scikit-image data.{n}", lambda n=n: _skimage(n)) for n in SKIMAGE_PHOTOS[split]]
     sources += [(f"scikit-learn load_sample_image('{n}')", lambda n=n: _sklearn(n)) for n in SKLEARN_PHOTOS[split]]
     per_source = PHOTOS_PER_SPLIT // len(sources)
-    images, names = [], []
+    uploads, names = [], []
     for name, load in sources:
         im = load()
         for _ in range(per_source):
-            images.append(as_upload(random_crop(im, rng)))
+            uploads.append(random_crop(im, rng))
             names.append(name)
     from skimage import data as skdata
     faces = skdata.lfw_subset()  # float 0..1, 200 x 25 x 25
     picks = np.concatenate([np.arange(200)[s] for s in LFW[split]])
     for i in picks[:LFW_PER_SPLIT]:
-        images.append(as_upload(Image.fromarray(np.uint8(np.round(faces[i] * 255)))))
+        uploads.append(Image.fromarray(np.uint8(np.round(faces[i] * 255))))
         names.append(f"scikit-image data.lfw_subset()[{i}] ({'face' if i < 100 else 'non-face patch'})")
-    return images, names
+    return uploads, names
+
+
+def photos(split: str, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[str]]:
+    uploads, names = photo_uploads(split, rng)
+    return [as_upload(im) for im in uploads], names
 
 
 def _font_file(name: str) -> Path:

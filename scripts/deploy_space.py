@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SPACE_FILES = (
     "app.py", "README.md", "requirements.txt",
-    "cifar_core/*.py", "cifar_core/models/*.py",
+    "cifar_core/*.py", "cifar_core/*.json", "cifar_core/models/*.py",
     "demo/*.py", "demo/style.css", "demo/head.html",
     "demo/assets/*", "demo/examples/*",
     "checkpoints/ensemble.json", "checkpoints/*/model.safetensors", "checkpoints/*/meta.json",

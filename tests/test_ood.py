@@ -38,6 +38,24 @@ def test_ood_sets_are_sized_split_by_source_and_look_like_uploads(ood_sets):
     assert not any(bytes(x.numpy()) in val for x in ood_sets["test"]["images"])
 
 
+def test_photo_uploads_are_the_photos_before_their_reduction(ood_sets):
+    """The ImageNet second opinion reads the OOD photos at their own resolution: the same crops, in the same
+    order, as the cached 32x32 photos group."""
+    from cifar_core.oodsets import as_upload, photo_uploads
+    uploads, names = photo_uploads("test")
+    n = len(uploads)
+    assert ood_sets["test"]["group"][:n] == ["photos"] * n and ood_sets["test"]["source"][:n] == names
+    assert torch.equal(torch.stack([as_upload(u) for u in uploads]), ood_sets["test"]["images"][:n])
+    assert max(min(u.size) for u in uploads) > 200  # crops of large photos stay large
+
+
+def test_percentile_rank_puts_any_score_on_one_scale():
+    from conftest import load_benchmark
+    rank = load_benchmark("ood").percentile_rank
+    reference = torch.tensor([3.0, 1.0, 2.0, 4.0])
+    assert rank(reference, torch.tensor([0.0, 1.5, 4.5])).tolist() == [0.0, 0.25, 1.0]
+
+
 def test_ood_sets_are_reproducible(ood_sets):
     """Built from installed packages with fixed seeds: a rebuild gives the cached bytes."""
     again = build_split("val")

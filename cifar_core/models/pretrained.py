@@ -121,3 +121,13 @@ def package_pretrained(model: nn.Module, name: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     renamed = rename_lite_keys(state, [len(stage) for stage in model.blocks])
     load_backbone_state(model, renamed, f"{path.name} (package {LITE_PACKAGES[name][2]})")
+
+
+def lite_imagenet_classifier(name: str = "tf_efficientnet_lite0") -> nn.Module:
+    """timm's `name` with its 1000-class ImageNet head and the offline package's weights, loaded strictly:
+    the ImageNet classifier itself, not a CIFAR model (cifar_core/imagenet.py asks it for a second opinion)."""
+    import timm
+    model = timm.create_model(name, num_classes=1000)
+    state = rename_lite_keys(torch.load(lite_package_file(name), weights_only=True), [len(s) for s in model.blocks])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
