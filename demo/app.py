@@ -24,7 +24,7 @@ from demo.tab_metrics import build_metrics
 from demo.tab_mistakes import build_mistakes
 
 QUEUE_SIZE = 32         # waiting requests beyond this are refused with "Queue is full" shown to the user
-WORKERS = 2             # model requests run at once (2 cores); each model also serializes on its own lock
+WORKERS = 2             # explanations run at once (2 cores); predictions have their own lane (common.PREDICT_EVENTS)
 
 
 def build_app(lab: Lab, queue_size: int = QUEUE_SIZE, workers: int = WORKERS) -> gr.Blocks:
