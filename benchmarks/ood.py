@@ -125,7 +125,7 @@ def imagenet_rows(val_u8, test_u8, ood_val, ood_test, shipped_scores, shipped_ro
         inputs.update(val_ood=pil(ood_val["images"]), test_ood=pil(ood_test["images"]))
     else:
         inputs.update(val_ood=uploads(ood_val, "val"), test_ood=uploads(ood_test, "test"))
-    opinions = {k: opinions_from_logits(cached_logits(judge, v, tag=k + "_")) for k, v in inputs.items()}
+    opinions = {k: opinions_from_logits(cached_logits(judge, v)) for k, v in inputs.items()}
     mass = {k: torch.tensor([o.cifar_mass for o in v]) for k, v in opinions.items()}
     print(f"ImageNet opinions of {sum(map(len, inputs.values()))} images in {time.perf_counter() - t0:.0f}s",
           file=sys.stderr)
@@ -165,7 +165,7 @@ def example_table() -> str:
     from cifar_core.imagenet import ImageNetJudge
     from cifar_core.images import load_image
     from cifar_core.serving import Lab
-    from demo.tab_classify import example_files
+    from cifar_core.paths import example_files
     lab, judge = Lab(), ImageNetJudge()
     rows = []
     for path in example_files():

@@ -242,7 +242,7 @@ def thread_check(n: int = 10) -> list[tuple[str, float, float]]:
     process's main thread and on a worker thread, interleaved, over the demo's example images; alone on the
     CPU, then beside a process that keeps both cores busy."""
     from cifar_core.serving import BoundedCache, Lab
-    from demo.tab_classify import example_files
+    from cifar_core.paths import example_files
     lab = Lab()
     images = [lab.decode(f) for f in example_files()][:n]
     for image in images:

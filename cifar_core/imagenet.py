@@ -109,22 +109,16 @@ class ImageNetJudge:
         return opinions_from_logits(logits, time.perf_counter() - t0)[0]
 
 
-def cached_logits(judge: ImageNetJudge, images: list, batch: int = 32, tag: str = "") -> torch.Tensor:
-    """ImageNet logits of many RGB PIL images, kept on disk (~/.cache/cifar_core/ood_features/) keyed by the
-    images' pixels and the model, so that benchmarks/ood.py reruns in seconds."""
+def cached_logits(judge: ImageNetJudge, images: list, batch: int = 32) -> torch.Tensor:
+    """ImageNet logits of many PIL images, kept on disk (ood.disk_cached) keyed by the images' pixels and the
+    model, so that benchmarks/ood.py reruns in seconds."""
     import hashlib
 
-    from safetensors.torch import load_file, save
-
-    from .checkpoint import atomic_write_bytes
-    from .data import cache_dir
-    digest = hashlib.sha1(f"{MODEL}|{judge.input_side}".encode())  # the logits do not depend on the mapping
+    from .ood import disk_cached
+    digest = hashlib.sha1()
     for im in images:
         digest.update(f"{im.size}{im.mode}".encode())
         digest.update(im.tobytes())
-    path = cache_dir() / "ood_features" / f"imagenet_{tag}{digest.hexdigest()[:20]}.safetensors"
-    if path.exists():
-        return load_file(str(path))["logits"]
-    logits = torch.cat([judge.logits(images[i:i + batch]) for i in range(0, len(images), batch)])
-    atomic_write_bytes(path, save({"logits": logits.contiguous()}))
-    return logits
+    key = f"imagenet|{MODEL}|{judge.input_side}|{digest.hexdigest()}"  # the logits do not depend on the mapping
+    return disk_cached(key, lambda: {"logits": torch.cat([judge.logits(images[i:i + batch])
+                                                          for i in range(0, len(images), batch)])})["logits"]

@@ -77,25 +77,36 @@ def zoo_outputs(members, images_u8: torch.Tensor, cache: bool = False) -> dict[s
     (name, saved_at, TTA) and the images' bytes: the benchmark and build_assets rerun in seconds."""
     if not cache:
         return {m.name: m.predictor.logits_and_features(images_u8) for m in members}
-    from safetensors.torch import load_file, save
-    from .checkpoint import atomic_write_bytes
-    from .data import cache_dir
     images_hash = hashlib.sha1(images_u8.contiguous().numpy().tobytes()).hexdigest()[:16]
     out = {}
     for m in members:
         if m.path is None or not m.meta.get("saved_at"):  # not a saved checkpoint: nothing identifies its weights
             out[m.name] = m.predictor.logits_and_features(images_u8)
             continue
+
+        def compute(m=m):
+            logits, feats = m.predictor.logits_and_features(images_u8)
+            return {"logits": logits, "features": feats.half()}
         ident = f"{m.name}|{m.meta.get('saved_at')}|{m.predictor.tta}|{images_hash}"  # as fit_identity()
-        path = cache_dir() / "ood_features" / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
-        if path.exists():
-            z = load_file(str(path))
-            out[m.name] = (z["logits"], z["features"].float())
-            continue
-        logits, feats = m.predictor.logits_and_features(images_u8)
-        atomic_write_bytes(path, save({"logits": logits.contiguous(), "features": feats.half().contiguous()}))
-        out[m.name] = (logits, feats.half().float())  # the same precision whether computed or read back
+        z = disk_cached(ident, compute)
+        out[m.name] = (z["logits"], z["features"].float())  # the same precision whether computed or read back
     return out
+
+
+def disk_cached(key: str, compute) -> dict[str, torch.Tensor]:
+    """compute() -> {name: tensor}, kept on disk under ~/.cache/cifar_core/ood_features/ by the key's hash (written
+    atomically): the OOD benchmark and build_assets rerun in seconds. The key must name everything the tensors
+    depend on."""
+    from safetensors.torch import load_file, save
+
+    from .checkpoint import atomic_write_bytes
+    from .data import cache_dir
+    path = cache_dir() / "ood_features" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    tensors = compute()
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    return tensors
 
 
 @dataclass

@@ -23,6 +23,14 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"   # the team's layout
 DEFAULT_CHECKPOINTS = REPO / "checkpoints"
 DEFAULT_EXPORTS = REPO / "exports"
 DEFAULT_ASSETS = REPO / "demo" / "assets"             # built by python -m demo.build_assets
+DEFAULT_EXAMPLES = REPO / "demo" / "examples"         # written by python -m demo.build_assets too
+
+
+def example_files() -> list[str]:
+    """The demo's example images: real CIFAR test images first, then the non-CIFAR photos (whatever
+    demo.build_assets wrote). The demo offers them; benchmarks and the warm-up use the same list."""
+    files = sorted(DEFAULT_EXAMPLES.glob("cifar_*.png")) + sorted(DEFAULT_EXAMPLES.glob("photo_*"))
+    return [str(f) for f in files]
 
 
 def checkpoints_dir(flag: str | Path | None = None) -> Path:

@@ -17,8 +17,9 @@ from pathlib import Path
 import gradio as gr
 
 from cifar_core.images import MAX_FILE_BYTES
+from cifar_core.paths import example_files
 from cifar_core.serving import Lab
-from demo.tab_classify import build_classify, build_compare, example_files
+from demo.tab_classify import build_classify, build_compare
 from demo.tab_gradcam import build_gradcam
 from demo.tab_metrics import build_metrics
 from demo.tab_mistakes import build_mistakes

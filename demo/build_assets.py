@@ -31,10 +31,10 @@ from cifar_core.assets import compute_assets
 from cifar_core.checkpoint import atomic_write_bytes, atomic_write_json, now_iso
 from cifar_core.data import CLASSES, load_cifar10, make_split
 from cifar_core.ood import METHODS
+from cifar_core.paths import DEFAULT_EXAMPLES as EXAMPLES_DIR
 from cifar_core.runtime import keep_freed_memory
 from cifar_core.serving import ASSETS_DIR, Lab
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # Photos from scikit-image's bundled data: (function, file stem, longest side). chelsea is a cat
 # (in distribution, but not a CIFAR-style photo); the others are not any CIFAR-10 class.
 PHOTOS = (("chelsea", "cat_chelsea", 256), ("coffee", "coffee", 256), ("astronaut", "astronaut", 256),

@@ -10,19 +10,12 @@ import pandas as pd
 from cifar_core import timing
 from cifar_core.data import CLASSES
 from cifar_core.images import ImageInputError
+from cifar_core.paths import REPO, example_files
 
 from .common import PREDICT_EVENTS, confidences, enlarged, image_input, log, require_image, user_errors
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-REPO = Path(__file__).resolve().parent.parent
 SERVE_FULL = "full ensemble (PyTorch)"
 SERVE_EDGE = "edge (int8 ONNX)"
-
-
-def example_files() -> list[str]:
-    """Real CIFAR test images first, then the non-CIFAR photos (whatever build_assets wrote)."""
-    files = sorted(EXAMPLES_DIR.glob("cifar_*.png")) + sorted(EXAMPLES_DIR.glob("photo_*"))
-    return [str(f) for f in files]
 
 
 def ood_notice(lab, pred) -> str:

