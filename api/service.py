@@ -77,7 +77,8 @@ class ApiService:
 
     def models(self) -> dict:
         return {"classes": list(CLASSES), "ensemble": {"name": ENSEMBLE, "members": self.lab.names,
-                                                        "weights": self.lab.ensemble.weights},
+                                                        "weights": self.lab.ensemble.weights,
+                                                        "weighted": self.lab.weighted_names},
                 "models": list(self.versions.values()), "cam_methods": list(METHODS)}
 
     def predict(self, image: torch.Tensor, model: str, k: int) -> dict:
@@ -89,8 +90,9 @@ class ApiService:
             ood = {"available": False, "problem": "the out-of-distribution detector reads the PyTorch zoo's "
                                                   "features; edge models have none (ask model=ensemble)"}
         else:
-            result = self.lab.predict(image)  # cached per image, as in the demo
-            names = self.lab.names if model == ENSEMBLE else [model]
+            # cached per image, as in the demo; a member outside the ensemble runs only when asked for by name
+            result = self.lab.predict(image, every_member=model not in self.lab.weighted_names)
+            names = self.lab.weighted_names if model == ENSEMBLE else [model]
             members = {n: (result.members[n], result.seconds[n]) for n in names}
             chosen = result.probs if model == ENSEMBLE else result.members[model]
             ood = self.lab.ood_result(result)  # the zoo's judgement, whichever model answers
@@ -109,7 +111,7 @@ class ApiService:
             raise ClientError(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if target is None:
             target = self.lab.predict(image).top
-        models = self.lab.names if model == ENSEMBLE else [model]
+        models = self.lab.weighted_names if model == ENSEMBLE else [model]
         tiles = self.lab.explain(image, models, method, target, alpha=alpha, size=size, with_ensemble=True)
         rgb = tiles[-1][0]  # with several members the last tile is the ensemble's weighted map
         buffer = io.BytesIO()

@@ -55,6 +55,9 @@ CONFIGS: dict[str, dict] = {
     # 2-cell shifts (2.7 CIFAR px) and stochastic depth (timm's drop_path_rate: 0.09-0.19 on the
     # trained stages 3-6) against the 99.5% training accuracy of l0_192_f2_e7_shift1
     "l0_192_f2_e8_shift2_dp02": dict(input_size=192, epochs=8, feature_shift=2, model_kwargs={"drop_path_rate": 0.2}),
+    # the shipped Lite0 recipe with the Lite1 backbone: a second, different ImageNet member (issue 25)
+    "l1_192_f2_e8_shift2_dp02": dict(model=L1, input_size=192, epochs=8, feature_shift=2,
+                                     model_kwargs={"drop_path_rate": 0.2}),
     "l0_224_f3_e6": dict(input_size=224, freeze=3, epochs=6),
     "l1_192_f2_e5": dict(model=L1, input_size=192, epochs=5),
     "l2_224_f2_e4": dict(model=L2, input_size=224, epochs=4),

@@ -95,5 +95,43 @@ def load_edge_models(root: str | Path | None = None, threads: int = 1,
 
 
 def smallest(models: list[EdgeModel]) -> EdgeModel | None:
-    """The model with the smallest file: the one to offer first as 'the' edge model."""
+    """The model with the smallest file (the default edge model when none has been measured)."""
     return min(models, key=lambda m: (m.size_bytes, m.name), default=None)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha1 of a file's bytes: a measurement belongs to exactly this file (the exports are a few MB)."""
+    import hashlib
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def measure(model: EdgeModel, images_u8: torch.Tensor, labels: torch.Tensor, repeats: int = 200,
+            batch: int = 500) -> dict:
+    """What the demo states for an edge model, measured as it serves: its accuracy on `images_u8` (one pass, no
+    TTA) and the median wall time of `EdgeModel.predict` on one image (decode excluded; preprocessing and the
+    forward pass on its one thread included), over `repeats` calls after 10 warm-ups, cycling through the
+    images. accuracy_per_ms = accuracy in % / ms: the default edge model maximizes it (best_per_ms)."""
+    import statistics
+    probs = torch.cat([model.predictor.probs(images_u8[i:i + batch]) for i in range(0, len(images_u8), batch)])
+    accuracy = float((probs.argmax(1) == labels).float().mean())
+    seconds = []
+    for i in range(10 + repeats):
+        _, s = model.predict(images_u8[i % len(images_u8)])
+        seconds.append(s)
+    ms = 1000 * statistics.median(seconds[10:])
+    return {"accuracy": round(accuracy, 5), "n": len(labels), "ms": round(ms, 4), "repeats": repeats,
+            "threads": 1, "accuracy_per_ms": round(100 * accuracy / ms, 2), "sha1": file_digest(model.path)}
+
+
+def measured(models: list[EdgeModel], records: dict) -> dict[str, dict]:
+    """name -> its measurement in `records` (assets.json's "edge"), for the models whose file is the one measured."""
+    return {m.name: records[m.name] for m in models
+            if isinstance(records.get(m.name), dict) and records[m.name].get("sha1") == file_digest(m.path)}
+
+
+def best_per_ms(models: list[EdgeModel], valid: dict[str, dict]) -> EdgeModel | None:
+    """The model with the highest measured accuracy per millisecond (`valid`: measured() of `models`); the
+    smallest file when none is measured."""
+    if not valid:
+        return smallest(models)
+    return max((m for m in models if m.name in valid), key=lambda m: (valid[m.name]["accuracy_per_ms"], m.name))

@@ -30,6 +30,10 @@ from .predictor import Predictor
 
 FIT_FILE = "ensemble.json"  # beside the checkpoint folders; find_checkpoints() only picks folders
 FIT_FORMAT = 1
+# A member whose fitted weight would be below this moves the ensemble's probabilities by less than 5% yet
+# costs a whole forward pass per image: the fit drops it (weight exactly 0, the others refitted), and the
+# ensemble path never computes it. It stays in the zoo: Compare and Grad-CAM show it, "not weighted".
+MIN_WEIGHT = 0.05
 
 
 class EnsembleError(ValueError):
@@ -86,6 +90,17 @@ class Ensemble:
         self.temperature = float(temperature)
         self.source = source  # where the weights come from, for display
 
+    @property
+    def weighted(self) -> list[Member]:
+        """The members the ensemble's answer is made of (weight > 0); only these are computed for it."""
+        return [m for m, w in zip(self.members, self.weights) if w > 0]
+
+    def is_weighted(self, name: str) -> bool:
+        return any(m.name == name for m in self.weighted)
+
+    def weight_of(self, name: str) -> float:
+        return next(w for m, w in zip(self.members, self.weights) if m.name == name)
+
     @classmethod
     def from_fit(cls, members: list[Member], path: str | Path | None = None) -> "Ensemble":
         """The fitted weights and temperature of `path` (default: ensemble.json beside the members'
@@ -119,11 +134,13 @@ class Ensemble:
         return cls(members, [float(fitted[m.name]["weight"]) for m in members],
                    temperature=float(record.get("temperature", 1.0)), source=f"fitted on val ({path.name})")
 
-    def member_probs(self, images_u8: torch.Tensor, features: bool = False) -> dict[str, dict]:
-        """{name: {"probs": N x C tensor, "seconds": wall time}} for each member. features=True adds "logits" and
-        "features" (the penultimate features an OOD detector reads) from the same forward passes."""
+    def member_probs(self, images_u8: torch.Tensor, features: bool = False,
+                     members: list[Member] | None = None) -> dict[str, dict]:
+        """{name: {"probs": N x C tensor, "seconds": wall time}} for each weighted member (or for `members`).
+        features=True adds "logits" and "features" (the penultimate features an OOD detector reads) from the
+        same forward passes."""
         out = {}
-        for m in self.members:
+        for m in self.weighted if members is None else members:
             t0 = time.perf_counter()
             if features:
                 logits, feats = m.predictor.logits_and_features(images_u8)
@@ -134,7 +151,8 @@ class Ensemble:
         return out
 
     def combine(self, member_probs: dict[str, dict]) -> torch.Tensor:
-        probs = sum(w * member_probs[m.name]["probs"] for w, m in zip(self.weights, self.members))
+        """The ensemble's probabilities from member_probs(): the weighted members' only."""
+        probs = sum(w * member_probs[m.name]["probs"] for w, m in zip(self.weights, self.members) if w > 0)
         if self.temperature != 1.0:
             probs = torch.softmax(probs.clamp_min(1e-30).log() / self.temperature, dim=1)
         return probs
@@ -244,15 +262,24 @@ class WeightFit:
     nll: float                # fitted weights and temperature
 
 
+def _simplex_fit(lp: torch.Tensor, labels: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Weights on the simplex minimizing the mixture's NLL: softmax(theta), LBFGS from theta = 0 in float64."""
+    theta = torch.zeros(lp.shape[0], dtype=torch.double, requires_grad=True)
+    _lbfgs(theta, lambda t: _nll(mixture_log_probs(lp, t.softmax(0)), labels), max_iter)
+    return theta.detach().softmax(0)
+
+
 def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, with_temperature: bool = True,
-                max_iter: int = 500) -> WeightFit:
+                max_iter: int = 500, min_weight: float = MIN_WEIGHT) -> WeightFit:
     """Weights minimizing the NLL of the weighted average of the members' probabilities.
 
     `log_probs`: K x N x C calibrated member log-probabilities (member_log_probs) of the fitting
     (validation) images. Weights are softmax(theta), so they stay on the simplex; theta starts at 0
-    (equal weights) and LBFGS minimizes in float64, so the fit is deterministic, and the result is
-    never worse than equal weights on the fitting data (equal weights are kept if it were). Then
-    one temperature on the averaged probabilities, kept only if it lowers that NLL (by > 1e-4)."""
+    (equal weights) and LBFGS minimizes in float64, so the fit is deterministic. While the smallest
+    weight is below `min_weight`, that member is dropped (weight exactly 0) and the rest refitted: it
+    would cost a forward pass for almost nothing. The result is never worse than equal weights on the
+    fitting data (equal weights are kept if it were). Then one temperature on the averaged
+    probabilities, kept only if it lowers that NLL (by > 1e-4)."""
     lp = log_probs.detach().double()
     labels = labels.detach().long()
     if lp.dim() != 3 or lp.shape[1] != len(labels) or not len(labels):
@@ -262,9 +289,14 @@ def fit_weights(log_probs: torch.Tensor, labels: torch.Tensor, with_temperature:
     nll_equal = float(_nll(mixture_log_probs(lp, equal), labels))
     weights, nll_weights = equal, nll_equal
     if k > 1:
-        theta = torch.zeros(k, dtype=torch.double, requires_grad=True)
-        _lbfgs(theta, lambda t: _nll(mixture_log_probs(lp, t.softmax(0)), labels), max_iter)
-        fitted = theta.detach().softmax(0)
+        kept = list(range(k))
+        while True:
+            fitted = torch.zeros(k, dtype=torch.double)
+            fitted[kept] = _simplex_fit(lp[kept], labels, max_iter) if len(kept) > 1 else 1.0
+            smallest = min(kept, key=lambda i: float(fitted[i]))
+            if len(kept) == 1 or fitted[smallest] >= min_weight:
+                break
+            kept.remove(smallest)
         nll_fitted = float(_nll(mixture_log_probs(lp, fitted), labels))
         if nll_fitted <= nll_equal:
             weights, nll_weights = fitted, nll_fitted
@@ -361,7 +393,7 @@ def fit_record(members: list[Member], val: tuple[torch.Tensor, torch.Tensor],
         metrics["fitted"][s] = _summary(mixture_log_probs(lp, fit.weights, fit.temperature), labels[s])
     rows = []
     for i, (m, w) in enumerate(zip(members, fit.weights)):
-        rows.append({"name": m.name, "saved_at": (m.meta or {}).get("saved_at"), "weight": w,
+        rows.append({"name": m.name, "saved_at": (m.meta or {}).get("saved_at"), "weight": w, "weighted": w > 0,
                      "tta": m.predictor.tta if tta is None else tta, "temperature": m.predictor.temperature,
                      "params": (m.meta or {}).get("params"),
                      "metrics": {s: _summary(log_probs[s][i], labels[s]) for s in subsets}})
@@ -371,8 +403,10 @@ def fit_record(members: list[Member], val: tuple[torch.Tensor, torch.Tensor],
         "temperature": fit.temperature,
         "tta": tta,  # None: each member at its own recorded level (members[i].tta)
         "objective": "minimum val NLL of the weighted average of the members' temperature-calibrated "
-                     "probabilities (weights = softmax(theta), LBFGS from equal weights, float64), then one "
+                     "probabilities (weights = softmax(theta), LBFGS from equal weights, float64); a member "
+                     f"below weight {MIN_WEIGHT} is dropped (weight 0, not computed) and the rest refitted; then one "
                      "ensemble temperature softmax(log p / T), kept only if it lowers the val NLL",
+        "min_weight": MIN_WEIGHT,
         "val_nll": {"equal": fit.nll_equal, "fitted_weights": fit.nll_weights, "fitted": fit.nll},
         "metrics": metrics,
         "split": split,

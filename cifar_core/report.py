@@ -762,8 +762,10 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_dir: str | None)
         probs = ensemble.probs(images)
         targets = probs.argmax(1).tolist()
         try:
-            per_member = [explain_batch(m.predictor, images, CAM_METHOD, targets=targets) for m in ensemble.members]
-            cells = [(ensemble_map([ex[j] for ex in per_member], ensemble.weights), targets[j],
+            weighted = ensemble.weighted  # a member of weight 0 adds nothing to the map
+            per_member = [explain_batch(m.predictor, images, CAM_METHOD, targets=targets) for m in weighted]
+            weights = [ensemble.weight_of(m.name) for m in weighted]
+            cells = [(ensemble_map([ex[j] for ex in per_member], weights), targets[j],
                       float(probs[j, targets[j]])) for j in range(len(targets))]
             rows.append(("ensemble", cells))
             ensemble_note = (" The last row is the ensemble: each member's map of the ensemble's predicted class, "

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from . import paths, timing
 from .batching import Batcher
 from .data import CLASSES
-from .edge import NO_GRADCAM, EdgeModel, load_edge_models, smallest
+from .edge import NO_GRADCAM, EdgeModel, best_per_ms, load_edge_models, measured
 from .ensemble import FIT_FILE, Ensemble, load_zoo
 from .images import decode_for_model
 
@@ -57,7 +57,7 @@ class BoundedCache:
 class Prediction:
     image: torch.Tensor               # uint8 3x32x32, what the models see
     probs: np.ndarray                 # ensemble, calibrated, C
-    members: dict[str, np.ndarray]    # model name -> calibrated probs
+    members: dict[str, np.ndarray]    # model name -> calibrated probs: the weighted members (every_member: all)
     seconds: dict[str, float]         # model name -> latency of its forward pass(es) for this image
     ood_score: float | None           # typicality in [0, 1] (cifar_core/ood.py); None when the check is off
     ood: bool | None                  # flagged as out of distribution; None when the check is off
@@ -113,6 +113,7 @@ class Lab:
         self.assets = read_assets(self.assets_dir)
         self.ood_detector, self.ood_problem = self._load_ood()
         self._predictions = BoundedCache(512)
+        self._unweighted = BoundedCache(512)  # (image, member) -> (probs, seconds) of members outside the ensemble
         self._batcher = Batcher(self._predict_batch, max_batch=MAX_BATCH)
         self._explanations = BoundedCache(2048)
         self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
@@ -125,6 +126,16 @@ class Lab:
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    @property
+    def weighted_names(self) -> list[str]:
+        """The members the ensemble's answer is made of; the others (fitted weight 0) are only computed
+        when asked for by name (Compare, Grad-CAM, REST model=<name>)."""
+        return [m.name for m in self.ensemble.weighted]
+
+    def label(self, name: str) -> str:
+        """A member's name as the UI shows it: those outside the ensemble say so."""
+        return name if self.ensemble.is_weighted(name) else f"{name} (not weighted)"
 
     def _load_ood(self):
         """(the fitted OOD detector, None), or (None, why the check is off). A detector fitted for other
@@ -168,15 +179,30 @@ class Lab:
         with timing.stage("decode"):
             return decode_for_model(upload)
 
-    def predict(self, image: torch.Tensor) -> Prediction:
+    def predict(self, image: torch.Tensor, every_member: bool = False) -> Prediction:
         """The ensemble's answer for one uint8 3x32x32 image, cached per image. Concurrent calls share forward
-        passes (cifar_core/batching.py): a lone request runs at once, a burst runs as batches."""
+        passes (cifar_core/batching.py): a lone request runs at once, a burst runs as batches. Only the weighted
+        members run; every_member=True adds the others' probabilities (computed once per image, cached)."""
         key = image_key(image)
-        cached = self._predictions.get(key)
-        if cached is not None:
+        pred = self._predictions.get(key)
+        if pred is not None:
             with timing.stage("cached"):  # marks the record as answered from the cache
-                return cached
-        return self._batcher.submit((key, image))
+                pass
+        else:
+            pred = self._batcher.submit((key, image))
+        missing = [m for m in self.members if m.name not in pred.members] if every_member else []
+        if not missing:
+            return pred
+        extra = {}
+        for m in missing:
+            extra[m.name] = self._unweighted.get((key, m.name))
+            if extra[m.name] is None:
+                t0 = time.perf_counter()
+                probs = m.predictor.probs(image[None])[0].numpy()
+                extra[m.name] = self._unweighted.put((key, m.name), (probs, time.perf_counter() - t0))
+        members = {n: pred.members[n] if n in pred.members else extra[n][0] for n in self.names}
+        seconds = {n: pred.seconds[n] if n in pred.seconds else extra[n][1] for n in self.names}
+        return replace(pred, members=members, seconds=seconds)
 
     @property
     def batching(self) -> dict:
@@ -244,9 +270,18 @@ class Lab:
         return list(self.edge)
 
     @property
+    def edge_measured(self) -> dict[str, dict]:
+        """name -> accuracy and latency measured by python -m demo.build_assets (cifar_core.edge.measure), for the
+        loaded edge models whose file is the one measured."""
+        if not hasattr(self, "_edge_measured"):
+            self._edge_measured = measured(list(self.edge.values()), self.assets.get("edge") or {})
+        return self._edge_measured
+
+    @property
     def default_edge(self) -> str | None:
-        """The edge model offered first: the smallest file."""
-        model = smallest(list(self.edge.values()))
+        """The edge model offered first: the best measured accuracy per millisecond (the smallest file when
+        none is measured)."""
+        model = best_per_ms(list(self.edge.values()), self.edge_measured)
         return model.name if model else None
 
     def edge_predict(self, image: torch.Tensor, model: str) -> EdgePrediction:
@@ -310,11 +345,12 @@ class Lab:
                 progress(i, len(models), m)
             explanations.append(self.explanation(image, m, method, target))
         maps = normalize_maps([e.cam for e in explanations], shared=shared)
-        tiles = [(overlay(image, m, alpha, size), f"{e.model}: {CLASSES[e.target]} p={e.probability:.2f}")
+        tiles = [(overlay(image, m, alpha, size), f"{self.label(e.model)}: {CLASSES[e.target]} p={e.probability:.2f}")
                  for e, m in zip(explanations, maps)]
-        if with_ensemble and len(explanations) > 1:
-            weights = [self.ensemble.weights[self.names.index(m)] for m in models]
-            combined = ensemble_map(explanations, weights)
+        weighted = [(e, self.ensemble.weight_of(e.model)) for e in explanations if self.ensemble.is_weighted(e.model)]
+        if with_ensemble and len(explanations) > 1 and weighted:
+            # the fitted weights of the chosen members; a member outside the ensemble adds nothing to its map
+            combined = ensemble_map([e for e, _ in weighted], [w for _, w in weighted])
             p = float(self.predict(image).probs[target])
             tiles.append((overlay(image, combined, alpha, size), f"{ENSEMBLE}: {CLASSES[target]} p={p:.2f}"))
         return tiles

@@ -71,17 +71,17 @@ def compare_models(lab, upload, k: float = 3):
     k = int(k)
     if not 1 <= k <= len(CLASSES):
         raise gr.Error(f"k must be between 1 and {len(CLASSES)}, got {k}")
-    pred = lab.predict(require_image(lab, upload))
+    pred = lab.predict(require_image(lab, upload), every_member=True)
     rows = []
     for name, probs in list(pred.members.items()) + [("ensemble", pred.probs)]:
         order = probs.argsort()[::-1][:k]
-        row = {"model": name}
+        row = {"model": lab.label(name) if name in lab.by_name else name}
         for rank, c in enumerate(order, 1):
             row[f"top-{rank}"] = f"{CLASSES[c]} ({probs[c]:.2f})"
         seconds = pred.seconds.get(name, sum(pred.seconds.values()))
         row["latency ms"] = round(1000 * seconds, 1)
         rows.append(row)
-    top = {name: CLASSES[int(p.argmax())] for name, p in pred.members.items()}
+    top = {lab.label(name): CLASSES[int(p.argmax())] for name, p in pred.members.items()}
     ensemble_top = CLASSES[pred.top]
     if len(top) == 1:
         badge = f"Only one model is loaded ({next(iter(top))}): it says **{ensemble_top}**."
@@ -118,11 +118,25 @@ def serve_info(lab) -> str:
     where = shown_path(lab.exports_root)
     if lab.edge:
         text = f"edge: {', '.join(lab.edge_names)} (int8 ONNX files under {where}/; no Grad-CAM)"
+        best = lab.edge_measured.get(lab.default_edge)
+        text += (f"; offered first: {lab.default_edge}, the best accuracy per ms ({measured_text(best)})" if best else
+                 f"; offered first: {lab.default_edge}, the smallest file (not measured: python -m demo.build_assets)")
     else:
         text = f"edge unavailable: no loadable int8.onnx under {where}/ (python train.py export writes them)"
     if lab.edge_problems:
         text += f"; skipped {len(lab.edge_problems)} broken file(s), see the server log"
     return text
+
+
+def measured_text(record: dict) -> str:
+    """An edge model's two measured numbers, as the UI states them."""
+    return f"{100 * record['accuracy']:.1f}% of {record['n']:,} test images right, {record['ms']:.2f} ms per image"
+
+
+def edge_choice(lab, name: str) -> tuple[str, str]:
+    """(label, value) of an edge model in the dropdown: its measured accuracy and latency when known."""
+    record = lab.edge_measured.get(name)
+    return (f"{name}: {100 * record['accuracy']:.1f}%, {record['ms']:.2f} ms" if record else name), name
 
 
 def edge_notice(lab, edge, full) -> str:
@@ -138,6 +152,12 @@ def edge_notice(lab, edge, full) -> str:
     source = f"checkpoint `{model.checkpoint}`" if model.checkpoint else "an unrecorded checkpoint"
     if model.info.get("architecture"):
         source += f" ({model.info['architecture']})"
+    record = lab.edge_measured.get(edge.model)
+    measured = (f"{measured_text(record)} (test split, one pass without TTA; median of {record['repeats']} "
+                f"single-image calls on one thread when the demo's assets were built); accuracy per ms "
+                f"{record['accuracy_per_ms']:.0f}"
+                + (", the best of the edge models: offered first" if edge.model == lab.default_edge else "")
+                if record else "not measured for this file (python -m demo.build_assets measures it)")
     said, ensemble_said = CLASSES[edge.top], CLASSES[full.top]
     agree = "✅ agrees" if said == ensemble_said else "❌ disagrees"
     return (f"### ⚡ {edge.model} → **{said}** ({edge.probs[edge.top]:.2f})\n"
@@ -145,6 +165,7 @@ def edge_notice(lab, edge, full) -> str:
             f"- **Precision**: {precision}\n"
             f"- **Latency**: {1000 * edge.seconds:.1f} ms for this image (one forward pass on one CPU thread, "
             "no test-time augmentation; first computation on this server, cached after)\n"
+            f"- **Measured**: {measured}\n"
             f"- **Full ensemble** (PyTorch): **{ensemble_said}** ({full.probs[full.top]:.2f}), {agree}\n"
             "- **Grad-CAM: not available for edge models**: onnxruntime computes no gradients. The Grad-CAM tab "
             "explains the full PyTorch models.")
@@ -152,7 +173,7 @@ def edge_notice(lab, edge, full) -> str:
 
 def classify_edge(lab, upload, model=None):
     """-> (the edge model's top-5, a note: its file, int8, latency, the full ensemble's answer).
-    `model`: an edge model name; default the smallest file."""
+    `model`: an edge model name; default the best measured accuracy per ms (Lab.default_edge)."""
     if not lab.edge:
         raise gr.Error(f"No edge model is loaded: {serve_info(lab)}.")
     image = require_image(lab, upload)
@@ -187,7 +208,8 @@ def build_classify(lab):
             with gr.Row():
                 label = gr.Label(num_top_classes=5, label="Ensemble top-5 (calibrated probabilities)", elem_id="top5")
                 with gr.Column(visible=False, elem_id="edge-panel") as edge_panel:
-                    edge_model = gr.Dropdown(lab.edge_names, value=lab.default_edge, label="Edge model (int8 ONNX)",
+                    edge_model = gr.Dropdown([edge_choice(lab, n) for n in lab.edge_names], value=lab.default_edge,
+                                             label="Edge model (int8 ONNX): test accuracy, ms per image",
                                              elem_id="edge-model")
                     edge_label = gr.Label(num_top_classes=5, label="Edge model top-5 (int8 ONNX, calibrated)",
                                           elem_id="edge-top5")
@@ -225,7 +247,8 @@ def build_classify(lab):
 
         Args:
             image: the photo (PNG, JPEG, WebP, GIF, BMP or TIFF, any size); the models see it as 32x32 pixels.
-            model: the edge model's name (e.g. cifar_cnn_small_distilled-int8); empty for the smallest file.
+            model: the edge model's name (e.g. cifar_cnn_small_distilled-int8); empty for the default one, the best
+                measured accuracy per millisecond.
 
         Returns:
             the edge model's top-5 classes with calibrated probabilities; a note naming the file, its int8

@@ -51,7 +51,8 @@ def build_gradcam(lab, image, tab):
         gr.Markdown(f"Edge models ({', '.join(lab.edge_names)}) are not listed: {NO_GRADCAM}. "
                     "The maps here are those of the full PyTorch models.", elem_id="cam-edge-note")
     with gr.Row():
-        models = gr.CheckboxGroup(lab.names, value=lab.names, label="Models")
+        # every member, those outside the ensemble (fitted weight 0) labelled so and not ticked at first
+        models = gr.CheckboxGroup([(lab.label(n), n) for n in lab.names], value=lab.weighted_names, label="Models")
         method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="Method", info=METHOD_INFO,
                              elem_id="cam-method")
         target = gr.Dropdown([PREDICTED, *CLASSES], value=PREDICTED, label="Target class")

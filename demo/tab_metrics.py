@@ -10,6 +10,7 @@ import pandas as pd
 
 from cifar_core import evaluate
 from cifar_core.data import CLASSES
+from cifar_core.ensemble import MIN_WEIGHT
 from cifar_core.evaluate import plot_confusion, read_history
 from cifar_core.levels import LEVELS
 
@@ -87,7 +88,8 @@ def model_card(lab, name: str) -> str:
 
 def ensemble_card(lab) -> str:
     test = lab.assets.get("ensemble_test", {})
-    members = ", ".join(f"{n} (weight {w:.2f})" for n, w in zip(lab.names, lab.ensemble.weights))
+    members = ", ".join(f"{n} (weight {w:.2f})" if w > 0 else f"{n} (not weighted: its fitted weight was below "
+                        f"{MIN_WEIGHT}, so it is not computed)" for n, w in zip(lab.names, lab.ensemble.weights))
     return "\n".join([
         "### ensemble",
         f"- **Members**: {members}; the weighted mean of their temperature-calibrated probabilities",

@@ -84,9 +84,10 @@ def confusion_frame(lab) -> pd.DataFrame:
 def inspect(lab, mistakes: Mistakes, index: int):
     """Every model's prediction and Grad-CAM (of the predicted and the true class) for one mistake."""
     image = mistakes.images[index]
-    pred = lab.predict(image)
+    pred = lab.predict(image, every_member=True)
     true_c = int(mistakes.labels[index])
-    rows = [{"model": n, "prediction": CLASSES[int(p.argmax())], "p(pred)": round(float(p.max()), 3),
+    rows = [{"model": lab.label(n) if n in lab.by_name else n, "prediction": CLASSES[int(p.argmax())],
+             "p(pred)": round(float(p.max()), 3),
              f"p(true={CLASSES[true_c]})": round(float(p[true_c]), 3)}
             for n, p in list(pred.members.items()) + [("ensemble", pred.probs)]]
     tiles = []

@@ -37,7 +37,7 @@ def _tiny_lab():
     from cifar_core.predictor import Predictor
     torch.manual_seed(0)
     members = [Member("m", None, {}, Predictor(create_model("cifar_cnn"), name="m"))]
-    return SimpleNamespace(members=members, names=["m"], ensemble=Ensemble(members))
+    return SimpleNamespace(members=members, names=["m"], ensemble=Ensemble(members), edge={})
 
 
 def test_compute_assets_fits_the_detector_records_metrics_and_mistakes():

