@@ -91,7 +91,7 @@ class ApiService:
                                                   "features; edge models have none (ask model=ensemble)"}
         else:
             # cached per image, as in the demo; a member outside the ensemble runs only when asked for by name
-            result = self.lab.predict(image, every_member=model not in self.lab.weighted_names)
+            result = self.lab.predict(image, every_member=model != ENSEMBLE and model not in self.lab.weighted_names)
             names = self.lab.weighted_names if model == ENSEMBLE else [model]
             members = {n: (result.members[n], result.seconds[n]) for n in names}
             chosen = result.probs if model == ENSEMBLE else result.members[model]

@@ -40,20 +40,19 @@ from .ensemble import FIT_FILE, Ensemble, load_zoo
 
 TEACHER_FILE = "teacher_logits.safetensors"
 TEACHER_VIEWS_FILE = "teacher_view_logits.safetensors"
-MIN_TEACHER_WEIGHT = 0.01  # fitted weights below this change the teacher's targets by < 1%
 
 
 def teacher_ensemble(root=None, tta: int | None = 1) -> Ensemble:
     """The zoo's ensemble with its fitted weights (ensemble.json; equal weights when there is no
-    fit for these checkpoints). Members the fit all but switched off are dropped: they would cost time, not teach."""
+    fit for these checkpoints). Members the fit dropped (weight 0, below ensemble.MIN_WEIGHT) are left out:
+    they would cost time, not teach."""
     members = load_zoo(root, tta=tta)
     if not members:
         raise ValueError(f"no teacher: no loadable checkpoints under {root}")
     with warnings.catch_warnings():  # fitted at the members' own TTA; the teacher may run lighter
         warnings.filterwarnings("ignore", message=".*other TTA levels.*")
         full = Ensemble.from_fit(members, Path(root) / FIT_FILE)
-    kept = [(m, w) for m, w in zip(full.members, full.weights) if w >= MIN_TEACHER_WEIGHT]
-    return Ensemble([m for m, _ in kept], [w for _, w in kept], temperature=full.temperature)
+    return Ensemble(full.weighted, [full.weight_of(m.name) for m in full.weighted], temperature=full.temperature)
 
 
 def teacher_identity(teacher: Ensemble) -> dict:

@@ -117,6 +117,7 @@ class Lab:
         self._batcher = Batcher(self._predict_batch, max_batch=MAX_BATCH)
         self._explanations = BoundedCache(2048)
         self._edge: dict[str, EdgeModel] | None = None  # loaded on first use, once
+        self._edge_measured: dict[str, dict] = {}         # set with _edge: build_assets' numbers for these files
         self._edge_lock = threading.Lock()
         self.edge_problems: list[str] = []               # why export files were skipped, for display
         self._edge_predictions = BoundedCache(512)
@@ -262,6 +263,7 @@ class Lab:
                         warnings.warn(problems[-1])
                         models = []
                     self.edge_problems = problems
+                    self._edge_measured = measured(models, self.assets.get("edge") or {})
                     self._edge = {m.name: m for m in models}
         return self._edge
 
@@ -273,8 +275,7 @@ class Lab:
     def edge_measured(self) -> dict[str, dict]:
         """name -> accuracy and latency measured by python -m demo.build_assets (cifar_core.edge.measure), for the
         loaded edge models whose file is the one measured."""
-        if not hasattr(self, "_edge_measured"):
-            self._edge_measured = measured(list(self.edge.values()), self.assets.get("edge") or {})
+        _ = self.edge  # loads them (and their measurements) on first use
         return self._edge_measured
 
     @property

@@ -32,9 +32,6 @@ def test_the_ensemble_path_never_runs_the_unweighted_member(lab, monkeypatch):
     assert lab.names == ["fake_0", "fake_1"] and lab.weighted_names == ["fake_0"]
     assert lab.label("fake_1") == "fake_1 (not weighted)" and lab.label("fake_0") == "fake_0"
     idle = lab.by_name["fake_1"].predictor
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the unweighted member was computed for the ensemble's answer")
     with monkeypatch.context() as m:
         for method in ("probs", "logits", "logits_and_features"):
             m.setattr(idle, method, refuse)
@@ -62,13 +59,26 @@ def test_compare_gradcam_and_metrics_show_it_labelled(lab):
     assert "fake_1 (not weighted: its fitted weight was below 0.05" in ensemble_card(lab)
 
 
-def test_rest_answers_list_the_weighted_members_and_answer_for_the_other_by_name(lab):
+def refuse(*args, **kwargs):
+    raise AssertionError("the unweighted member was computed for the ensemble's answer")
+
+
+def test_rest_answers_list_the_weighted_members_and_answer_for_the_other_by_name(lab, monkeypatch):
     from api.service import ApiService
     service = ApiService(lab)
-    answer = service.predict(image(2), "ensemble", 3)
+    with monkeypatch.context() as m:
+        for method in ("probs", "logits", "logits_and_features"):
+            m.setattr(lab.by_name["fake_1"].predictor, method, refuse)
+        answer = service.predict(image(2), "ensemble", 3)
     assert [m["name"] for m in answer["members"]] == ["fake_0"]
     alone = service.predict(image(2), "fake_1", 3)
     assert [m["name"] for m in alone["members"]] == ["fake_1"]
     assert alone["prediction"]["label"] in answer["probabilities"]
     models = service.models()["ensemble"]
     assert models["weighted"] == ["fake_0"] and models["weights"] == [1.0, 0.0]
+
+
+def test_the_distillation_teacher_leaves_the_unweighted_member_out(lab):
+    from cifar_core.distill import teacher_ensemble
+    teacher = teacher_ensemble(lab.root, tta=0)
+    assert [m.name for m in teacher.members] == ["fake_0"] and teacher.weights == [1.0]
