@@ -40,6 +40,7 @@ PLAIN = dict(schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment
 # shifts are off unless the name says "shift" and stochastic depth unless it says "dp", so the runs
 # it recorded stay what their names say when the recipe moves.
 PINNED = dict(feature_shift=0, model_kwargs={})
+SHIPPED = dict(input_size=192, epochs=8, feature_shift=2, model_kwargs={"drop_path_rate": 0.2})  # = RECIPE's
 CONFIGS: dict[str, dict] = {
     "l0_160_f2_e4": dict(input_size=160, epochs=4),
     "l0_160_f2_e10": dict(input_size=160, epochs=10),
@@ -67,6 +68,18 @@ CONFIGS: dict[str, dict] = {
     "abl_no_smoothing": dict(input_size=160, epochs=10, label_smoothing=0.0),
     "abl_no_decay": dict(input_size=160, epochs=10, weight_decay=0.0),
     "abl_constant_lr": dict(input_size=160, epochs=10, schedule="constant"),
+    # The same at the shipped geometry and budget (192 px, freeze 2, 8 epochs; issue 21 point 4): the
+    # Level 2 recipe with one ingredient off each. The full recipe is the Level 2 checkpoint, Level 1
+    # (`train.py --level 1`) is everything off. Flip TTA needs no run: evaluate Level 2 with --tta 0.
+    # Records go to results/runs/ablation/<name>, where `train.py report` finds them.
+    **{f"abl192_{name}": {**SHIPPED, **change} for name, change in {
+        "no_flip": dict(augment=AugmentConfig(translate=0, flip=False)),
+        "no_shift": dict(feature_shift=0),
+        "no_drop_path": dict(model_kwargs={}),
+        "constant_lr": dict(schedule="constant"),
+        "no_decay": dict(weight_decay=0.0),
+        "no_smoothing": dict(label_smoothing=0.0),
+    }.items()},
 }
 
 

@@ -37,6 +37,7 @@ from .checkpoint import atomic_write_bytes
 from .data import Cifar10, make_split
 from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train
 from .ensemble import FIT_FILE, Ensemble, load_zoo
+from .paths import checkpoints_dir
 
 TEACHER_FILE = "teacher_logits.safetensors"
 TEACHER_VIEWS_FILE = "teacher_view_logits.safetensors"
@@ -46,6 +47,7 @@ def teacher_ensemble(root=None, tta: int | None = 1) -> Ensemble:
     """The zoo's ensemble with its fitted weights (ensemble.json; equal weights when there is no
     fit for these checkpoints). Members the fit dropped (weight 0, below ensemble.MIN_WEIGHT) are left out:
     they would cost time, not teach."""
+    root = checkpoints_dir(root)  # None: $CIFAR_CHECKPOINTS or checkpoints/, as load_zoo reads it
     members = load_zoo(root, tta=tta)
     if not members:
         raise ValueError(f"no teacher: no loadable checkpoints under {root}")
@@ -113,6 +115,20 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     return logits
 
 
+def teacher_on_train(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
+    """How much the teacher has to teach on the images the student trains on: its accuracy, its mean
+    probability on the true class, its mean entropy (nats). A teacher that is ~100% right and sure on
+    its own training images hands the student targets that are nearly the labels (RESULTS.md, Level 5).
+    With planned views (V x N x C) the numbers are over every view."""
+    rows = logits[..., indices, :].reshape(-1, logits.shape[-1]).float()
+    y = labels[indices].repeat(rows.shape[0] // len(indices))
+    p = rows.exp()
+    return {"images": len(indices), "rows": rows.shape[0],
+            "accuracy": round(float((rows.argmax(1) == y).float().mean()), 4),
+            "true_class_probability": round(float(p.gather(1, y[:, None]).mean()), 4),
+            "entropy_nats": round(float(-(p * rows).sum(1).mean()), 4)}
+
+
 def finished_run(folder: Path, cfg: TrainConfig, data: Cifar10) -> TrainResult | None:
     """A checkpoint already trained in `folder` with exactly this config on these data (the twin
     does not depend on the teacher), as a TrainResult; None when there is none or anything differs.
@@ -157,7 +173,12 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
         m.predictor.model.to(device)
     split = make_split(data, cfg.split, cfg.split_seed)
     logits = cached_teacher_logits(teacher, data, split.train, Path(teacher_cache or out_root), cfg.augment)
-    teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": distill_alpha, "temperature": distill_temperature}
+    on_train = teacher_on_train(logits, data.labels, split.train)
+    print(f"teacher on the {on_train['images']} training images: {100 * on_train['accuracy']:.2f}% right, "
+          f"{on_train['true_class_probability']:.3f} on the true class, entropy {on_train['entropy_nats']:.3f} nats",
+          flush=True)
+    teacher = {**teacher_identity(teacher), "tta": teacher_tta, "alpha": distill_alpha,
+               "temperature": distill_temperature, "on_train": on_train}
     scratch = finished_run(out_root / f"{student}_scratch", cfg, data) or train(
         cfg, out_root / f"{student}_scratch", data, extra_meta={"distillation": {"role": "from-scratch twin"}})
     distilled = train(distilled_cfg, out_root / f"{student}_distilled", data,

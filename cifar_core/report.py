@@ -401,9 +401,10 @@ def _level_title(number: int | None) -> str:
     return LEVELS[number].title if number in LEVELS else "(no level)"
 
 
-def _summary_row(run: Run, what: str) -> list:
+def _summary_row(run: Run, what: str, level: int | None = None) -> list:
     cfg = run.meta.get("train_config") or {}
-    return [run.level if run.level is not None else "-", what, f"`{run.meta['model']}`",
+    level = run.level if level is None else level
+    return [level if level is not None else "-", what, f"`{run.meta['model']}`",
             fmt_params(run.meta.get("params")), fmt_epochs(cfg.get("epochs")), fmt_seconds(train_seconds(run.meta)),
             fmt_pct(run.val.get("accuracy")), fmt_pct(run.test.get("accuracy")), fmt_nll_ece(run.test),
             data_note(run.meta), f"`{_show(run.path)}`"]
@@ -420,13 +421,17 @@ def section_summary(rep: Report, src: Sources) -> None:
     ranked.sort(key=lambda r: (r.level if r.level is not None else 99, r.kind == "distill", r.name))
     seen_levels = {r.level for r in ranked}
     for run in ranked:
-        what = _level_title(run.level)
+        what, level = _level_title(run.level), run.level
         role = (run.meta.get("distillation") or {}).get("role")
         if role:
             what = f"{what} [{role}]"
         elif run.level == 4:
             what = f"{what} [member]"
-        rows.append((run.level if run.level is not None else 99, _summary_row(run, what)))
+        elif run.level is None and run.kind == "checkpoint":
+            # a shipped checkpoint no level's recipe trains (the Lite1 member): it serves the ensemble
+            level, command = 4, run.meta.get("command")
+            what = "ensemble member" + (f", trained by `{command}`" if command else "")
+        rows.append((level if level is not None else 99, _summary_row(run, what, level)))
     if src.ensemble is not None:
         ens = src.ensemble
         val, test = _ens_metrics(ens, "fitted", "val"), _ens_metrics(ens, "fitted", "test")
@@ -615,6 +620,11 @@ def section_distill(rep: Report, src: Sources) -> None:
                          + (f"; teacher: {teachers}" if teachers else "")
                          + (f"; alpha {d['alpha']}, T {d['temperature']}" if "alpha" in d and "temperature" in d else "")
                          + (f"; consistent teaching over {views} planned views" if views else ""))
+            on_train = d.get("on_train")
+            if isinstance(on_train, dict) and on_train.get("accuracy") is not None:
+                lines.append(f"Teacher on the student's training images: {fmt_pct(on_train['accuracy'])} right, "
+                             f"{on_train.get('true_class_probability', float('nan')):.3f} mean probability on the "
+                             f"true class, entropy {on_train.get('entropy_nats', float('nan')):.3f} nats")
         parts.append("\n\n".join(lines))
     rep.add(*parts)
 
@@ -626,7 +636,9 @@ def section_curves(rep: Report, src: Sources, figs: Figures) -> None:
              "the test confusion matrix (rows: true class, normalized per row) from its meta.json."]
     for run in sorted((r for r in src.runs if r.kind != "ablation"),
                       key=lambda r: (r.level if r.level is not None else 99, r.name)):
-        items = [f"### `{run.name}` (level {run.level if run.level is not None else '-'})"]
+        label = (f"level {run.level}" if run.level is not None
+                 else "ensemble member" if run.kind == "checkpoint" else "level -")
+        items = [f"### `{run.name}` ({label})"]
         history = run.meta.get("history") or []
         if history:
             path = figs.path(f"curves_{run.slug}.png")

@@ -1,4 +1,5 @@
 """Distillation: the soft-target loss, the teacher's targets, and a short real-data run with a teacher."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -188,3 +189,20 @@ def test_distill_pair_refuses_augmentations_the_teacher_cannot_follow_before_lab
             distill_pair(SimpleNamespace(), tmp_path / "out", teacher_root=tmp_path / "no_teacher", teacher_tta=0,
                          base=TrainConfig(augment=augment))
     assert not (tmp_path / "out").exists()
+
+
+def test_teacher_on_train_measures_how_close_the_targets_are_to_the_labels():
+    from cifar_core.distill import teacher_on_train
+    labels = torch.tensor([0, 1, 2, 3])
+    idx = torch.tensor([0, 1, 2])  # row 3 is not a training image: its NaNs must not count
+    probs = torch.full((4, 4), 0.1)
+    probs[torch.arange(4), labels] = 0.7
+    probs[2] = torch.tensor([0.1, 0.7, 0.1, 0.1])  # image 2 (class 2) is called class 1
+    logits = probs.log()
+    logits[3] = float("nan")
+    stats = teacher_on_train(logits, labels, idx)
+    assert stats["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert stats["true_class_probability"] == pytest.approx((0.7 + 0.7 + 0.1) / 3, abs=1e-4)
+    assert stats["entropy_nats"] == pytest.approx(-(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1)), abs=1e-4)
+    views = teacher_on_train(torch.stack([logits, logits]), labels, idx)  # V x N x C: every view counts
+    assert views["rows"] == 6 and views["accuracy"] == stats["accuracy"]

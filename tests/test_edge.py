@@ -69,3 +69,19 @@ def test_the_demo_offers_and_states_the_measured_best(tmp_path, models):
     _, note = classify_edge(lab, image)  # no model named: the default answers
     assert f"⚡ {CNN}" in note and "89.2% of 6,000 test images right, 0.80 ms per image" in note
     assert "offered first" in note
+
+
+def test_the_shipped_edge_records_are_of_the_shipped_files_and_re_measure(models, cifar):
+    """demo/assets/assets.json's "edge" numbers (what the UI states) are of the int8 files shipped beside them:
+    the same sha1, and the same accuracy when re-measured on the seed split's test images."""
+    from cifar_core.data import make_split
+    from cifar_core.paths import DEFAULT_ASSETS
+    records = json.loads((DEFAULT_ASSETS / "assets.json").read_text())["edge"]
+    assert set(measured(list(models.values()), records)) == set(models)  # every shipped file measured, none stale
+    split = make_split(cifar, "seed", 0)
+    images, labels = cifar.images[split.test], cifar.labels[split.test]
+    for name, record in records.items():
+        predictor = models[name].predictor
+        probs = torch.cat([predictor.probs(images[i:i + 500]) for i in range(0, len(images), 500)])
+        assert record["n"] == len(labels)
+        assert float((probs.argmax(1) == labels).float().mean()) == pytest.approx(record["accuracy"], abs=0.002), name

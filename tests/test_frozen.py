@@ -176,6 +176,8 @@ def test_every_swept_configuration_is_a_valid_cached_run():
         cfg = bench.config(name)
         model = models.setdefault(cfg.model, create_model(cfg.model))
         frozen.check_config(cfg, model)
+        if name.startswith("abl192_"):  # named by what it switches off: checked below
+            continue
         assert ("shift" in name) == (cfg.feature_shift > 0), name  # recorded runs keep their meaning
         assert ("_dp" in name) == bool(cfg.model_kwargs.get("drop_path_rate")), name
     meta = {"train_config": bench.config("l0_192_f2_e6").to_dict(),
@@ -183,6 +185,23 @@ def test_every_swept_configuration_is_a_valid_cached_run():
     rates = {"frozen_img_s": 100.0, "train_img_s": 50.0, "forward_img_s": 200.0}
     # (2 x 48000 + 6000) / 100 + 6 x 48000 / 50 + 12000 x 2 / 200 seconds
     assert bench.estimate_cpu_minutes(meta, rates) == pytest.approx((1020 + 5760 + 120) / 60)
+
+
+def test_shipped_geometry_ablation_switches_off_one_level2_ingredient_each():
+    """abl192_*: the Level 2 recipe at its own geometry and budget, exactly one ingredient off."""
+    from conftest import load_benchmark
+    from cifar_core.levels import LEVELS
+    bench = load_benchmark("transfer_cost")
+    recipe = LEVELS[2].config.to_dict()
+    expected = {"no_flip": {"augment"}, "no_shift": {"feature_shift"}, "no_drop_path": {"model_kwargs"},
+                "constant_lr": {"schedule"}, "no_decay": {"weight_decay"}, "no_smoothing": {"label_smoothing"}}
+    names = [n for n in bench.CONFIGS if n.startswith("abl192_")]
+    assert sorted(n.removeprefix("abl192_") for n in names) == sorted(expected)
+    for name in names:
+        cfg = bench.config(name).to_dict()
+        changed = {k for k in recipe if cfg[k] != recipe[k]}
+        assert changed == expected[name.removeprefix("abl192_")], name
+    assert bench.config("abl192_no_flip").augment.flip is False
 
 
 def test_cost_table_counts_a_reused_cache_at_its_build_time(tmp_path, capsys):

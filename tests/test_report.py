@@ -72,6 +72,10 @@ def tree(tmp_path):
         "l2": write_meta(ck / "tf_efficientnet_lite0",
                          variant(base, "tf_efficientnet_lite0", 0.9512, 0.9533, 3_384_706, 100.0)),
         "vit": write_meta(ck / "vit_cifar", variant(base, "vit_cifar", 0.8811, 0.8822, 5_360_906, 50.0)),
+        # a shipped member no level's recipe trains (as the Lite1 member is)
+        "lite1": write_meta(ck / "tf_efficientnet_lite1",
+                            variant(base, "tf_efficientnet_lite1", 0.9417, 0.9470, 4_150_000, 80.0,
+                                    command="python benchmarks/transfer_cost.py run l1_x")),
         "l1": write_meta(runs / "level1", variant(base, "tf_efficientnet_lite0", 0.9011, 0.9022, 3_384_706, 90.0)),
         "ab_nosmooth": write_meta(runs / "ablation" / "no_smoothing",
                                   variant(base, "tf_efficientnet_lite0", 0.9455, 0.9477, 3_384_706, 95.0)),
@@ -89,7 +93,9 @@ def tree(tmp_path):
                               ("from-scratch twin", "cifar_cnn_small_scratch", 0.8602)):
         metas[role] = write_meta(runs / "distill" / folder, variant(
             base, "cifar_cnn_small", acc, acc + 0.001, 295_096, 30.0,
-            distillation={"role": role, "members": [{"name": "cifar_cnn"}], "alpha": 0.7, "temperature": 4.0}))
+            distillation={"role": role, "members": [{"name": "cifar_cnn"}], "alpha": 0.7, "temperature": 4.0,
+                          **({"on_train": {"accuracy": 0.9812, "true_class_probability": 0.9412,
+                                           "entropy_nats": 0.1711}} if role == "distilled" else {})}))
         metas[role]["train_config"]["augment"]["views"] = 8  # consistent teaching: both twins follow the plan
         write_meta(runs / "distill" / folder, metas[role])
     ensemble = {
@@ -135,6 +141,10 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     assert by_model_level[("3", "`cifar_cnn`")][3] == f"{metas['cnn']['params'] / 1e6:.2f}M"
     total = sum(h["seconds"] for h in metas["cnn"]["history"])
     assert by_model_level[("3", "`cifar_cnn`")][5] == f"{total / 60:.1f} min"
+    member = by_model_level[("4", "`tf_efficientnet_lite1`")]
+    assert member[1] == "ensemble member, trained by `python benchmarks/transfer_cost.py run l1_x`"
+    assert member[7] == pct(metas["lite1"]["metrics"]["test"]["accuracy"])
+    assert "### `tf_efficientnet_lite1` (ensemble member)" in text
     fitted = [r for r in rows if "ensemble: fitted" in r[1]]
     assert len(fitted) == 1 and fitted[0][7] == pct(ensemble["metrics"]["fitted"]["test"]["accuracy"])
     roles = [r for r in rows if r[0] == "5"]
@@ -157,6 +167,8 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     assert any(r[6] == pct(ensemble["metrics"]["equal"]["test"]["accuracy"]) for r in ens_rows.values())
     assert ("Distillation gain: test accuracy 86.02% -> 87.01% (+0.99 pp); teacher: `cifar_cnn`; alpha 0.7, T 4.0; "
             "consistent teaching over 8 planned views") in text
+    assert ("Teacher on the student's training images: 98.12% right, 0.941 mean probability on the true class, "
+            "entropy 0.171 nats") in text
 
     # figures that need no data are there; the data sections are skipped, saying why
     pngs = {p.name for p in embedded_pngs(report)}

@@ -82,3 +82,12 @@ def test_the_distillation_teacher_leaves_the_unweighted_member_out(lab):
     from cifar_core.distill import teacher_ensemble
     teacher = teacher_ensemble(lab.root, tta=0)
     assert [m.name for m in teacher.members] == ["fake_0"] and teacher.weights == [1.0]
+
+
+def test_the_teacher_without_a_folder_is_the_zoo_the_environment_names(lab, monkeypatch):
+    """`train.py distill` without --teacher: the zoo of $CIFAR_CHECKPOINTS (else checkpoints/), as everywhere."""
+    from cifar_core.distill import teacher_ensemble
+    from cifar_core.paths import CHECKPOINTS_ENV
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(lab.root))
+    teacher = teacher_ensemble(tta=0)
+    assert [m.name for m in teacher.members] == ["fake_0"] and teacher.weights == [1.0]
