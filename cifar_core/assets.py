@@ -77,11 +77,11 @@ def fit_ood(lab, data, split, method: str, options: dict, train_per_class: int =
     train = split.train[stratified_subset(data.labels[split.train], train_per_class * len(CLASSES), seed=0)]
     held_out = split.val if len(split.val) else split.test
     # over the members the ensemble computes: a member of weight 0 is never run on the serving path
-    members = lab.ensemble.weighted
-    train_out = zoo_outputs(members, data.images[train], cache=True)
-    val_out = zoo_outputs(members, data.images[held_out], cache=True)
-    det = fit_detector(method, members, train_out, data.labels[train], val_out,
-                       [lab.ensemble.weight_of(m.name) for m in members], keep=KEEP_IN_DISTRIBUTION, **options)
+    ensemble = lab.ensemble.weighted_only()
+    train_out = zoo_outputs(ensemble.members, data.images[train], cache=True)
+    val_out = zoo_outputs(ensemble.members, data.images[held_out], cache=True)
+    det = fit_detector(method, ensemble.members, train_out, data.labels[train], val_out, ensemble.weights,
+                       keep=KEEP_IN_DISTRIBUTION, **options)
     tensors, meta = detector_state(det)
     det = detector_from_state(compact(tensors), meta).calibrate(val_out)
     tensors, meta = detector_state(det)

@@ -54,7 +54,7 @@ def teacher_ensemble(root=None, tta: int | None = 1) -> Ensemble:
     with warnings.catch_warnings():  # fitted at the members' own TTA; the teacher may run lighter
         warnings.filterwarnings("ignore", message=".*other TTA levels.*")
         full = Ensemble.from_fit(members, Path(root) / FIT_FILE)
-    return Ensemble(full.weighted, [full.weight_of(m.name) for m in full.weighted], temperature=full.temperature)
+    return full.weighted_only()
 
 
 def teacher_identity(teacher: Ensemble) -> dict:

@@ -101,6 +101,12 @@ class Ensemble:
     def weight_of(self, name: str) -> float:
         return next(w for m, w in zip(self.members, self.weights) if m.name == name)
 
+    def weighted_only(self) -> "Ensemble":
+        """The same ensemble without its members of weight 0: the same answer, for code that walks the members
+        (a teacher, an OOD fit, ensemble Grad-CAM)."""
+        kept = [(m, w) for m, w in zip(self.members, self.weights) if w > 0]
+        return Ensemble([m for m, _ in kept], [w for _, w in kept], temperature=self.temperature, source=self.source)
+
     @classmethod
     def from_fit(cls, members: list[Member], path: str | Path | None = None) -> "Ensemble":
         """The fitted weights and temperature of `path` (default: ensemble.json beside the members'

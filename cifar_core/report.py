@@ -401,6 +401,11 @@ def _level_title(number: int | None) -> str:
     return LEVELS[number].title if number in LEVELS else "(no level)"
 
 
+def _zoo_member_only(run: Run) -> bool:
+    """A shipped checkpoint no level's recipe trains (the Lite1 member): it serves the ensemble (level 4)."""
+    return run.level is None and run.kind == "checkpoint"
+
+
 def _summary_row(run: Run, what: str, level: int | None = None) -> list:
     cfg = run.meta.get("train_config") or {}
     level = run.level if level is None else level
@@ -427,8 +432,7 @@ def section_summary(rep: Report, src: Sources) -> None:
             what = f"{what} [{role}]"
         elif run.level == 4:
             what = f"{what} [member]"
-        elif run.level is None and run.kind == "checkpoint":
-            # a shipped checkpoint no level's recipe trains (the Lite1 member): it serves the ensemble
+        elif _zoo_member_only(run):
             level, command = 4, run.meta.get("command")
             what = "ensemble member" + (f", trained by `{command}`" if command else "")
         rows.append((level if level is not None else 99, _summary_row(run, what, level)))
@@ -636,8 +640,8 @@ def section_curves(rep: Report, src: Sources, figs: Figures) -> None:
              "the test confusion matrix (rows: true class, normalized per row) from its meta.json."]
     for run in sorted((r for r in src.runs if r.kind != "ablation"),
                       key=lambda r: (r.level if r.level is not None else 99, r.name)):
-        label = (f"level {run.level}" if run.level is not None
-                 else "ensemble member" if run.kind == "checkpoint" else "level -")
+        label = ("ensemble member" if _zoo_member_only(run)
+                 else f"level {run.level if run.level is not None else '-'}")
         items = [f"### `{run.name}` ({label})"]
         history = run.meta.get("history") or []
         if history:
@@ -774,10 +778,9 @@ def section_data(rep: Report, src: Sources, figs: Figures, data_dir: str | None)
         probs = ensemble.probs(images)
         targets = probs.argmax(1).tolist()
         try:
-            weighted = ensemble.weighted  # a member of weight 0 adds nothing to the map
-            per_member = [explain_batch(m.predictor, images, CAM_METHOD, targets=targets) for m in weighted]
-            weights = [ensemble.weight_of(m.name) for m in weighted]
-            cells = [(ensemble_map([ex[j] for ex in per_member], weights), targets[j],
+            weighted = ensemble.weighted_only()  # a member of weight 0 adds nothing to the map
+            per_member = [explain_batch(m.predictor, images, CAM_METHOD, targets=targets) for m in weighted.members]
+            cells = [(ensemble_map([ex[j] for ex in per_member], weighted.weights), targets[j],
                       float(probs[j, targets[j]])) for j in range(len(targets))]
             rows.append(("ensemble", cells))
             ensemble_note = (" The last row is the ensemble: each member's map of the ensemble's predicted class, "

@@ -91,3 +91,11 @@ def test_the_teacher_without_a_folder_is_the_zoo_the_environment_names(lab, monk
     monkeypatch.setenv(CHECKPOINTS_ENV, str(lab.root))
     teacher = teacher_ensemble(tta=0)
     assert [m.name for m in teacher.members] == ["fake_0"] and teacher.weights == [1.0]
+
+
+def test_weighted_only_is_the_same_ensemble_without_the_unweighted_member(lab):
+    images = torch.stack([image(s) for s in range(4)])
+    ens = lab.ensemble.weighted_only()
+    assert [m.name for m in ens.members] == ["fake_0"] and ens.weights == [1.0]
+    assert ens.temperature == lab.ensemble.temperature
+    assert torch.allclose(ens.probs(images), lab.ensemble.probs(images), atol=1e-6)
