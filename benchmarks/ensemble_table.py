@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from cifar_core.data import load_cifar10, make_split
-from cifar_core.ensemble import (Ensemble, EnsembleError, fit_weights, load_zoo,
-                                 member_log_probs, mixture_log_probs, shared_split)
+from cifar_core.data import load_cifar10
+from cifar_core.ensemble import (Ensemble, EnsembleError, fit_weights, load_zoo, member_log_probs, members_split,
+                                 mixture_log_probs)
 from cifar_core.evaluate import expected_calibration_error, format_table
 from cifar_core.paths import checkpoints_dir
 
@@ -101,14 +101,9 @@ def main(argv=None) -> int:
         return 2
     data = load_cifar10(args.data)
     try:
-        recorded = shared_split(members)
+        split = members_split(members, data)
     except EnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    split = make_split(data, recorded["name"], recorded.get("seed", 0))
-    if split.fingerprint != recorded["fingerprint"] or not len(split.val):
-        print(f"error: this data gives split {split.fingerprint} (val {len(split.val)} images); the members were "
-              f"trained on {recorded['fingerprint']}", file=sys.stderr)
         return 2
     val, test = subset(split.val, args.n), subset(split.test, args.n)
     y_val, y_test = data.labels[val], data.labels[test]

@@ -8,6 +8,8 @@ turn (the ablation). Three steps:
   python benchmarks/transfer_cost.py run l0_160_f2_e10 ... [--device cuda]   # train: runs/transfer_cost/<name>
   python benchmarks/transfer_cost.py throughput [--repeats 5]               # this CPU's images/s per config
   python benchmarks/transfer_cost.py table [--runs results/runs/transfer_cost] # accuracy vs CPU minutes
+  python benchmarks/transfer_cost.py table --runs results/runs/ablation --against checkpoints/tf_efficientnet_lite0
+                                                                            # the ablation, as differences
 
 `run` trains with train.py's engine and records everything in each run's meta.json (where it ran,
 the cache and training wall time). `throughput` times, on this CPU (2 threads, fp32, channels_last),
@@ -58,6 +60,12 @@ CONFIGS: dict[str, dict] = {
     "l0_192_f2_e8_shift2_dp02": dict(input_size=192, epochs=8, feature_shift=2, model_kwargs={"drop_path_rate": 0.2}),
     # the shipped Lite0 recipe with the Lite1 backbone: a second, different ImageNet member (issue 25)
     "l1_192_f2_e8_shift2_dp02": dict(model=L1, input_size=192, epochs=8, feature_shift=2,
+                                     model_kwargs={"drop_path_rate": 0.2}),
+    # third-member candidates for the ensemble (issue 25): a larger backbone or a larger input, at a
+    # budget cut to fit 100 CPU minutes (their throughput rows decide which is tried)
+    "l2_192_f2_e5_shift2_dp02": dict(model=L2, input_size=192, epochs=5, feature_shift=2,
+                                     model_kwargs={"drop_path_rate": 0.2}),
+    "l1_224_f2_e6_shift2_dp02": dict(model=L1, input_size=224, epochs=6, feature_shift=2,
                                      model_kwargs={"drop_path_rate": 0.2}),
     "l0_224_f3_e6": dict(input_size=224, freeze=3, epochs=6),
     "l1_192_f2_e5": dict(model=L1, input_size=192, epochs=5),
@@ -185,8 +193,18 @@ def estimate_cpu_minutes(meta: dict, rates: dict) -> float:
     return seconds / 60
 
 
+def _accuracies(meta: dict) -> tuple[float, float]:
+    return 100 * meta["metrics"]["val"]["accuracy"], 100 * meta["metrics"]["test"]["accuracy"]
+
+
 def cmd_table(args) -> None:
+    """One row per run; --against <checkpoint folder> adds each run's val and test difference from that
+    run (the ablation: every variant against the full recipe at the same budget, the Level 2 checkpoint)."""
     runs = Path(args.runs)
+    against = None
+    if getattr(args, "against", None):
+        ref_meta = json.loads((Path(args.against) / "meta.json").read_text())
+        against = (Path(args.against).name, *_accuracies(ref_meta))
     rates_file = runs / "cpu_throughput.json"
     rates = {}
     if rates_file.exists():
@@ -212,8 +230,15 @@ def cmd_table(args) -> None:
                      "val acc %": f"{100 * meta['metrics']['val']['accuracy']:.2f}",
                      "test acc %": f"{100 * meta['metrics']['test']['accuracy']:.2f}",
                      "tta": cfg.tta, "CPU min": minutes, "ran on": meta["hardware"]["name"]})
+        if against:
+            val, test = _accuracies(meta)
+            rows[-1].update({"Δ val": f"{val - against[1]:+.2f}", "Δ test": f"{test - against[2]:+.2f}"})
     columns = ["run", "model", "px", "freeze", "shift", "drop path", "epochs", "val acc %", "test acc %", "tta", "CPU min", "ran on"]
+    if against:
+        columns = columns[:columns.index("test acc %") + 1] + ["Δ val", "Δ test"] + columns[columns.index("tta"):]
     print(format_table(rows, columns) if rows else f"no runs under {runs}")
+    if against and rows:
+        print(f"\nΔ: points against {against[0]} (val {against[1]:.2f}%, test {against[2]:.2f}%)")
 
 
 def main(argv=None) -> None:
@@ -234,6 +259,7 @@ def main(argv=None) -> None:
     t.add_argument("--runs", default="results/runs/transfer_cost")
     b = sub.add_parser("table", help="accuracy vs CPU minutes of the recorded runs")
     b.add_argument("--runs", default="results/runs/transfer_cost")
+    b.add_argument("--against", help="checkpoint folder whose val/test accuracy each run is compared with")
     args = parser.parse_args(argv)
     {"run": cmd_run, "throughput": cmd_throughput, "table": cmd_table}[args.command](args)
 

@@ -423,17 +423,25 @@ def fit_record(members: list[Member], val: tuple[torch.Tensor, torch.Tensor],
     }
 
 
-def fit_zoo(members: list[Member], data, tta: int | None = None, command: str | None = None) -> dict:
-    """fit_record() on the members' own split of `data` (a cifar_core.data.Cifar10): refuses members
-    of different splits, data that does not reproduce their split, and splits without val images."""
-    from .data import make_split
+def members_split(members: list[Member], data):
+    """The members' own split of `data` (a cifar_core.data.Cifar10), as a data.Split. Refuses members of
+    different splits (shared_split), data that does not reproduce their split (other images: a fit or a
+    score on them would not be on the members' val/test), and splits without val images."""
+    from . import data as data_module  # looked up at call time: tests swap make_split for a small split
     recorded = shared_split(members)
-    split = make_split(data, recorded["name"], recorded.get("seed", 0))
+    split = data_module.make_split(data, recorded["name"], recorded.get("seed", 0))
     if split.fingerprint != recorded["fingerprint"]:
         raise EnsembleError(f"this data gives split {split.name}/{split.fingerprint}, the members were trained on "
                             f"{recorded['fingerprint']}: refusing to fit on other images")
     if not len(split.val):
         raise EnsembleError(f"split {split.name!r} has no validation images to fit the weights on")
+    return split
+
+
+def fit_zoo(members: list[Member], data, tta: int | None = None, command: str | None = None) -> dict:
+    """fit_record() on the members' own split of `data` (members_split: refuses members of different splits,
+    data that does not reproduce their split, and splits without val images)."""
+    split = members_split(members, data)
     val = (data.images[split.val], data.labels[split.val])
     test = (data.images[split.test], data.labels[split.test])
     return fit_record(members, val, test, tta=tta,

@@ -287,3 +287,45 @@ def test_cli_calibrate_refits_the_temperature_and_refuses_other_images(cifar, da
     with pytest.raises(SystemExit) as e:
         train.main(["calibrate", str(tmp_path / "other"), "--data", data_dir])
     assert e.value.code == 2
+
+
+# -- benchmarks/ensemble_candidates.py: the rule that decides whether a checkpoint joins the zoo ----------------
+
+def test_candidate_joins_only_when_it_raises_val_accuracy(zoo_root, fake_data, tmp_path, monkeypatch, capsys):
+    from conftest import load_benchmark
+    bench = load_benchmark("ensemble_candidates")
+    # the candidate is right by construction: the labels are its own predictions at its TTA level (0)
+    good = tiny_model(7)
+    save_checkpoint(tmp_path / "cands" / "good", good, member_meta(good))
+    with torch.no_grad():
+        labels = Predictor(good, tta=0).logits(fake_data.images).argmax(1)
+    data = SimpleNamespace(**{**vars(fake_data), "labels": labels})
+    twin = tiny_model(0)  # alpha's weights again: adds nothing the zoo lacks
+    save_checkpoint(tmp_path / "cands" / "alpha", twin, member_meta(twin, temperature=0.5))
+    monkeypatch.setattr(bench, "load_cifar10_for", lambda data_dir, metas: data)
+    monkeypatch.setattr("cifar_core.data.make_split", lambda data, name, seed: SPLIT)
+    monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path / "cache")
+    argv = [str(tmp_path / "cands" / "good"), str(tmp_path / "cands" / "alpha"), "--checkpoints", str(zoo_root),
+            "--json", str(tmp_path / "rows.json")]
+    assert bench.main(argv) == 0
+    rows = {r["ensemble"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert list(rows) == ["zoo", "zoo +good", "zoo +cands/alpha", "zoo + every candidate"]
+    assert [r["rule"] for r in rows.values()][:3] == ["-", "joins", "stays out"], rows
+    joined = rows["zoo +good"]
+    assert joined["val acc %"] == 100.0 and joined["val gain"] >= 50 and "good" in joined["members (weight)"]
+    assert "cands/alpha: alone" in capsys.readouterr().out  # the twin is renamed, not confused with the zoo's alpha
+    fits = json.loads((tmp_path / "rows.json").read_text())["fits"]
+    assert "zoo +cands/alpha" in fits and "zoo + every candidate" in fits
+    # the cache is keyed by content: the twin has alpha's weights and temperature, so it shares alpha's entry;
+    # the second run reads every model's log-probabilities from the cache: no forward pass at all
+    assert len(list((tmp_path / "cache" / "member_log_probs").glob("*.safetensors"))) == 3
+    monkeypatch.setattr(bench, "member_log_probs", lambda *a, **k: pytest.fail("recomputed a cached model"))
+    assert bench.main(argv) == 0
+    # the key follows what changes the numbers: another temperature is another entry
+    member = bench.load_member(tmp_path / "cands" / "good")
+    key = bench.log_probs_key(member, "split", "data")
+    member.predictor.temperature = 2.0
+    assert bench.log_probs_key(member, "split", "data") != key
+    # a folder that is not a checkpoint: a clear error, exit 2
+    assert bench.main([str(tmp_path / "nothing"), "--checkpoints", str(zoo_root)]) == 2
+    assert "nothing" in capsys.readouterr().err

@@ -222,3 +222,26 @@ def test_cost_table_counts_a_reused_cache_at_its_build_time(tmp_path, capsys):
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "| 60.0 |" in rows["built"] and "| 60.0 (cache reused) |" in rows["reused"]
     assert "| 0.2 |" in rows["reused"]  # the drop-path column
+
+
+def test_cost_table_against_a_reference_shows_the_differences(tmp_path, capsys):
+    """--against: each run's val/test accuracy minus the reference checkpoint's (how the ablation is read)."""
+    import json
+    from types import SimpleNamespace
+    from conftest import load_benchmark
+    bench = load_benchmark("transfer_cost")
+
+    def meta(val, test):
+        return {"train_config": bench.config("abl192_no_shift").to_dict(),
+                "hardware": {"device": "cpu", "name": "x86_64"}, "wall_time": {"total_s": 3600.0},
+                "metrics": {"val": {"accuracy": val}, "test": {"accuracy": test}}}
+    (tmp_path / "runs" / "abl192_no_shift").mkdir(parents=True)
+    (tmp_path / "runs" / "abl192_no_shift" / "meta.json").write_text(json.dumps(meta(0.9400, 0.9350)))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "meta.json").write_text(json.dumps(meta(0.9437, 0.9398)))
+    bench.cmd_table(SimpleNamespace(runs=str(tmp_path / "runs"), against=str(tmp_path / "full")))
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["Δ val"] == "-0.37" and cells["Δ test"] == "-0.48" and cells["CPU min"] == "60.0"
+    assert "against full (val 94.37%, test 93.98%)" in out

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Does a checkpoint earn a place in the ensemble? Refit the ensemble on val with it and see.
+
+  python benchmarks/ensemble_candidates.py runs/ablation/abl192_no_smoothing runs/level1 --data ../shared/data/cifar10
+
+The rule is fixed before looking (issue 25): a candidate joins the shipped zoo only if refitting the ensemble
+on val with it raises the fitted ensemble's **val** accuracy by >= --min-gain points (default 0.2, about one
+standard error on 6,000 images) over the zoo as it is. Test accuracy is printed, never used to choose: a
+candidate picked on test would make the shipped test number a selected maximum.
+
+Members: every checkpoint under --checkpoints (the shipped zoo); candidates: the checkpoint folders named. All
+must share the zoo's split (cifar_core.ensemble.shared_split). Each model is run once per (weights, TTA level,
+temperature, split, data) on val and test, at its own recorded TTA level, and its calibrated log-probabilities
+are cached under ~/.cache/cifar_core/member_log_probs/ (safetensors): a rerun with another candidate costs only
+the new model's two forward passes over 12,000 images (a few CPU minutes for an EfficientNet-Lite).
+Rows: the zoo as fitted now, the zoo with each candidate, and the zoo with every candidate; each is refitted
+with cifar_core.ensemble.fit_weights (the fit `python train.py ensemble` writes), so a member below
+MIN_WEIGHT drops out exactly as it would in the shipped ensemble.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cifar_core.checkpoint import CheckpointError
+from cifar_core.data import cache_dir, load_cifar10_for
+from cifar_core.ensemble import (EnsembleError, Member, fit_weights, load_member, load_zoo, member_log_probs,
+                                 members_split, mixture_log_probs, shared_split)
+from cifar_core.evaluate import format_table
+from cifar_core.frozen import _digest, weights_digest
+
+SUBSETS = ("val", "test")
+
+
+def log_probs_key(member: Member, split_fingerprint: str, data_fingerprint) -> str:
+    """Everything the cached log-probabilities depend on: the weights themselves (not the folder's name or
+    date), the TTA level, the temperature, and which images."""
+    return _digest(weights_digest(member.predictor.model), member.predictor.tta, member.predictor.temperature,
+                   split_fingerprint, data_fingerprint)[:20]
+
+
+def cached_log_probs(member: Member, images: dict[str, torch.Tensor], key: str, root: Path) -> dict[str, torch.Tensor]:
+    """{subset: N x C calibrated log-probabilities}, from the cache or computed and cached (atomically)."""
+    from safetensors.torch import load_file, save_file
+    path = root / f"{key}.safetensors"
+    if path.exists():
+        return load_file(path)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = {s: member_log_probs([member], x)[0].float().contiguous() for s, x in images.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"member": member.name, "tta": str(member.predictor.tta)})
+    tmp.replace(path)
+    print(f"  {member.name}: {sum(len(x) for x in images.values())} images in {time.perf_counter() - t0:.0f} s "
+          f"(cached as {path.name})", file=sys.stderr)
+    return out
+
+
+def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100 * float((log_probs.argmax(1) == labels).double().mean())
+
+
+def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(-log_probs.gather(1, labels[:, None]).mean())
+
+
+def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor]) -> dict:
+    """Fit the weights on val over `names`; score the fitted ensemble and its best member on val and test."""
+    stacked = {s: torch.stack([lp[n][s] for n in names]).double() for s in SUBSETS}
+    fit = fit_weights(stacked["val"], labels["val"])
+    row = {"weights": dict(zip(names, fit.weights)), "temperature": fit.temperature}
+    for s in SUBSETS:
+        mix = mixture_log_probs(stacked[s], fit.weights, fit.temperature)
+        row[s] = {"acc": accuracy(mix, labels[s]), "nll": nll(mix, labels[s])}
+        row[f"best member {s}"] = max(accuracy(lp[n][s], labels[s]) for n in names)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("candidates", nargs="+", help="checkpoint folders that might join the zoo")
+    p.add_argument("--checkpoints", default=None, help="the zoo (default $CIFAR_CHECKPOINTS or checkpoints/)")
+    p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR, else the members' own)")
+    p.add_argument("--min-gain", type=float, default=0.2, help="val accuracy points a candidate must add (0.2)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    zoo = load_zoo(args.checkpoints)
+    zoo_names = [m.name for m in zoo]
+    try:
+        candidates = [load_member(c) for c in args.candidates]
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c, path in zip(candidates, args.candidates):
+        c.name = f"+{Path(path).parent.name}/{c.name}" if c.name in zoo_names else f"+{c.name}"
+    members = zoo + candidates
+    if len({m.name for m in members}) != len(members):
+        print("error: two candidates have the same folder name; give distinct folders", file=sys.stderr)
+        return 2
+    try:
+        shared_split(members)  # before loading any data: the cheap refusal first
+        data = load_cifar10_for(args.data, [m.meta for m in members])
+        split = members_split(members, data)
+    except EnsembleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    idx = {"val": split.val, "test": split.test}
+    images = {s: data.images[i] for s, i in idx.items()}
+    labels = {s: data.labels[i] for s, i in idx.items()}
+    root = cache_dir() / "member_log_probs"
+    fingerprint = getattr(data, "fingerprint", None)
+    lp = {m.name: cached_log_probs(m, images, log_probs_key(m, split.fingerprint, fingerprint), root)
+          for m in members}
+
+    sets = {"zoo": zoo_names}
+    sets.update({f"zoo {c.name}": zoo_names + [c.name] for c in candidates})
+    if len(candidates) > 1:
+        sets["zoo + every candidate"] = zoo_names + [c.name for c in candidates]
+    results = {name: refit(names, lp, labels) for name, names in sets.items()}
+    base = results["zoo"]["val"]["acc"]
+
+    rows = []
+    for name, r in results.items():
+        gain = r["val"]["acc"] - base
+        weights = ", ".join(f"{n.lstrip('+')} {w:.2f}" for n, w in r["weights"].items() if w > 0)
+        verdict = "-" if name == "zoo" else ("joins" if gain >= args.min_gain - 1e-9 else "stays out")
+        rows.append({"ensemble": name, "members (weight)": weights, "T": round(r["temperature"], 3),
+                     "val acc %": round(r["val"]["acc"], 2), "val gain": round(gain, 2),
+                     "val NLL": round(r["val"]["nll"], 4), "test acc %": round(r["test"]["acc"], 2),
+                     "over best member (test)": round(r["test"]["acc"] - r["best member test"], 2),
+                     "rule": verdict})
+    print(f"\nSplit {split.name} (seed {split.seed}): weights fitted on {len(idx['val'])} val images, scored on "
+          f"{len(idx['test'])} test images; each member at its own TTA level. Rule: a candidate joins if the val "
+          f"gain is >= {args.min_gain} points.\n")
+    print(format_table(rows, list(rows[0])))
+    for c in candidates:
+        print(f"{c.name.lstrip('+')}: alone val {accuracy(lp[c.name]['val'], labels['val']):.2f}%, "
+              f"test {accuracy(lp[c.name]['test'], labels['test']):.2f}% (TTA {c.predictor.tta})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "fits": results, "argv": sys.argv[1:],
+                                               "split": split.fingerprint}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
