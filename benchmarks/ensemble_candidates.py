@@ -32,7 +32,7 @@ from cifar_core.data import cache_dir, load_cifar10_for
 from cifar_core.ensemble import (EnsembleError, Member, fit_weights, load_member, load_zoo, member_log_probs,
                                  members_split, mixture_log_probs, shared_split)
 from cifar_core.evaluate import format_table
-from cifar_core.frozen import _digest, weights_digest
+from cifar_core.frozen import content_digest, weights_digest
 
 SUBSETS = ("val", "test")
 
@@ -40,8 +40,8 @@ SUBSETS = ("val", "test")
 def log_probs_key(member: Member, split_fingerprint: str, data_fingerprint) -> str:
     """Everything the cached log-probabilities depend on: the weights themselves (not the folder's name or
     date), the TTA level, the temperature, and which images."""
-    return _digest(weights_digest(member.predictor.model), member.predictor.tta, member.predictor.temperature,
-                   split_fingerprint, data_fingerprint)[:20]
+    return content_digest(weights_digest(member.predictor.model), member.predictor.tta, member.predictor.temperature,
+                          split_fingerprint, data_fingerprint)[:20]
 
 
 def cached_log_probs(member: Member, images: dict[str, torch.Tensor], key: str, root: Path) -> dict[str, torch.Tensor]:

@@ -67,6 +67,10 @@ CONFIGS: dict[str, dict] = {
                                      model_kwargs={"drop_path_rate": 0.2}),
     "l1_224_f2_e6_shift2_dp02": dict(model=L1, input_size=224, epochs=6, feature_shift=2,
                                      model_kwargs={"drop_path_rate": 0.2}),
+    # a fourth-member candidate: Lite2 at a second input size (224 px, nearer its ImageNet 260 px), cut
+    # to 4 epochs so the run stays under 100 CPU minutes (training ~(192/224)^2 of Lite2-192's 79 img/s)
+    "l2_224_f2_e4_shift2_dp02": dict(model=L2, input_size=224, epochs=4, feature_shift=2,
+                                     model_kwargs={"drop_path_rate": 0.2}),
     "l0_224_f3_e6": dict(input_size=224, freeze=3, epochs=6),
     "l1_192_f2_e5": dict(model=L1, input_size=192, epochs=5),
     "l2_224_f2_e4": dict(model=L2, input_size=224, epochs=4),

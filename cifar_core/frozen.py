@@ -105,7 +105,9 @@ def check_config(cfg, model: nn.Module) -> None:
 # The cache
 # ---------------------------------------------------------------------------------------------
 
-def _digest(*parts) -> str:
+def content_digest(*parts) -> str:
+    """sha256 over `parts` (bytes as they are, anything else as sorted JSON): a cache key that changes
+    whenever any input that decides the cached content changes."""
     h = hashlib.sha256()
     for part in parts:
         h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
@@ -126,7 +128,7 @@ def cache_key(model: nn.Module, freeze: int, data, subsets: dict[str, torch.Tens
     return {"format": FORMAT, "model": spec.name, "freeze": freeze, "input_size": spec.input_size,
             "mean": list(spec.mean), "std": list(spec.std), "weights": weights_digest(frozen_part(model, freeze)),
             "data": data.fingerprint, "views": list(VIEWS[:views]), "dtype": "float16",
-            "subsets": {k: _digest(v.long().numpy().tobytes())[:16] for k, v in subsets.items()}}
+            "subsets": {k: content_digest(v.long().numpy().tobytes())[:16] for k, v in subsets.items()}}
 
 
 @dataclass
@@ -223,7 +225,7 @@ def load_or_build(model: nn.Module, freeze: int, data, train_idx: torch.Tensor, 
     root.mkdir(parents=True, exist_ok=True)
     _clean_partials(root)
     key = cache_key(model, freeze, data, {"train": train_idx, "val": val_idx}, views)
-    folder = root / _digest(key)[:20]
+    folder = root / content_digest(key)[:20]
     files = [f"train_{VIEWS[v]}.npy" for v in range(views)] + (["val.npy"] if len(val_idx) else [])
     reused = (folder / "key.json").exists()
     seconds = 0.0

