@@ -29,8 +29,8 @@ import torch
 
 from cifar_core.checkpoint import CheckpointError
 from cifar_core.data import cache_dir, load_cifar10_for
-from cifar_core.ensemble import (EnsembleError, Member, fit_weights, load_member, load_zoo, member_log_probs,
-                                 members_split, mixture_log_probs, shared_split)
+from cifar_core.ensemble import (EnsembleError, Member, fit_weights, load_member, load_zoo, log_prob_metrics,
+                                 member_log_probs, members_split, mixture_log_probs, shared_split)
 from cifar_core.evaluate import format_table
 from cifar_core.frozen import content_digest, weights_digest
 
@@ -63,11 +63,7 @@ def cached_log_probs(member: Member, images: dict[str, torch.Tensor], key: str, 
 
 
 def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100 * float((log_probs.argmax(1) == labels).double().mean())
-
-
-def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(-log_probs.gather(1, labels[:, None]).mean())
+    return 100 * log_prob_metrics(log_probs, labels)["accuracy"]
 
 
 def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor]) -> dict:
@@ -77,7 +73,8 @@ def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict
     row = {"weights": dict(zip(names, fit.weights)), "temperature": fit.temperature}
     for s in SUBSETS:
         mix = mixture_log_probs(stacked[s], fit.weights, fit.temperature)
-        row[s] = {"acc": accuracy(mix, labels[s]), "nll": nll(mix, labels[s])}
+        m = log_prob_metrics(mix, labels[s])
+        row[s] = {"acc": 100 * m["accuracy"], "nll": m["nll"]}
         row[f"best member {s}"] = max(accuracy(lp[n][s], labels[s]) for n in names)
     return row
 

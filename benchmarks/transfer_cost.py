@@ -217,6 +217,7 @@ def cmd_table(args) -> None:
     for meta_path in sorted(runs.glob("*/meta.json")):
         meta = json.loads(meta_path.read_text())
         cfg = TrainConfig.from_dict(meta["train_config"])
+        val, test = _accuracies(meta)
         wall = meta.get("wall_time", {})
         on_cpu = meta["hardware"]["device"] == "cpu"
         rate = rates.get((cfg.model, cfg.input_size, cfg.freeze))
@@ -231,11 +232,9 @@ def cmd_table(args) -> None:
         rows.append({"run": meta_path.parent.name, "model": cfg.model.replace("tf_efficientnet_", ""),
                      "px": cfg.input_size, "freeze": cfg.freeze, "shift": cfg.feature_shift,
                      "drop path": f"{cfg.model_kwargs.get('drop_path_rate', 0):g}", "epochs": f"{cfg.epochs:g}",
-                     "val acc %": f"{100 * meta['metrics']['val']['accuracy']:.2f}",
-                     "test acc %": f"{100 * meta['metrics']['test']['accuracy']:.2f}",
+                     "val acc %": f"{val:.2f}", "test acc %": f"{test:.2f}",
                      "tta": cfg.tta, "CPU min": minutes, "ran on": meta["hardware"]["name"]})
         if against:
-            val, test = _accuracies(meta)
             rows[-1].update({"Δ val": f"{val - against[1]:+.2f}", "Δ test": f"{test - against[2]:+.2f}"})
     columns = ["run", "model", "px", "freeze", "shift", "drop path", "epochs", "val acc %", "test acc %", "tta", "CPU min", "ran on"]
     if against:

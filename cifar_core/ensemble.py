@@ -376,7 +376,8 @@ def write_fit(record: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def _summary(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+def log_prob_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """n, accuracy (a fraction), NLL and ECE of (N x C) log-probabilities: a member's or a mixture's."""
     from .evaluate import metrics_from_logits
     m = metrics_from_logits(log_probs.float(), labels)
     return {k: m[k] for k in ("n", "accuracy", "nll", "ece")}
@@ -395,14 +396,14 @@ def fit_record(members: list[Member], val: tuple[torch.Tensor, torch.Tensor],
     metrics = {"equal": {}, "fitted": {}}
     for s in subsets:
         lp = log_probs[s].double()
-        metrics["equal"][s] = _summary(mixture_log_probs(lp, equal), labels[s])
-        metrics["fitted"][s] = _summary(mixture_log_probs(lp, fit.weights, fit.temperature), labels[s])
+        metrics["equal"][s] = log_prob_metrics(mixture_log_probs(lp, equal), labels[s])
+        metrics["fitted"][s] = log_prob_metrics(mixture_log_probs(lp, fit.weights, fit.temperature), labels[s])
     rows = []
     for i, (m, w) in enumerate(zip(members, fit.weights)):
         rows.append({"name": m.name, "saved_at": (m.meta or {}).get("saved_at"), "weight": w, "weighted": w > 0,
                      "tta": m.predictor.tta if tta is None else tta, "temperature": m.predictor.temperature,
                      "params": (m.meta or {}).get("params"),
-                     "metrics": {s: _summary(log_probs[s][i], labels[s]) for s in subsets}})
+                     "metrics": {s: log_prob_metrics(log_probs[s][i], labels[s]) for s in subsets}})
     return {
         "format": FIT_FORMAT,
         "members": rows,
