@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistent teaching: flips and shifts follow a plan of this many views per image, "
                         "which the teacher labels one by one ahead of training (same as --set augment.views=V); "
                         "0: the teacher labels each un-augmented image once")
+    d.add_argument("--mix", choices=("none", "mixup"), default="none",
+                   help="function matching (needs --views): each planned view also blends every training image "
+                        "with a planned partner, and the teacher labels the blend, images it has not memorized "
+                        "(same as --set augment.mix=mixup; the blend weight's Beta alpha: --set augment.mix_alpha=A)")
     d.add_argument("--teacher-tta", type=int, choices=(0, 1, 2), default=None,
                    help="TTA level of the teacher's soft targets (default 1, flip; 0 with --views, "
                         "where the teacher labels each view as shown)")
@@ -323,9 +327,12 @@ def cmd_distill(args, parser) -> int:
         parser.error(f"--distill-alpha must be in (0, 1], got {args.distill_alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
     try:
-        base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else []))
+        base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else [])
+                              + ([f"augment.mix={args.mix}"] if args.mix != "none" else []))
     except ValueError as e:
         parser.error(str(e))
+    if base.augment.mix != "none" and not base.augment.views:
+        parser.error("--mix: the teacher labels blends only as planned views: add --views V")
     teacher_tta = args.teacher_tta if args.teacher_tta is not None else (0 if base.augment.views else 1)
     if base.augment.views and teacher_tta:
         parser.error("--views: the teacher labels each view as shown, so --teacher-tta must be 0")

@@ -21,12 +21,15 @@ class AugmentConfig:
     mix_alpha: float = 1.0    # Beta(alpha, alpha) draws the blend weight
     # >0: flips and shifts follow a fixed plan of this many views per image (epoch e shows view
     # e % views), the same for every training seed, so a teacher can label those very views ahead
-    # of training (consistent distillation, cifar_core/distill.py); 0: drawn afresh every epoch
+    # of training (consistent distillation, cifar_core/distill.py); 0: drawn afresh every epoch.
+    # With mix="mixup" the plan also fixes each image's partner and blend weight (function matching)
     views: int = 0
 
     def __post_init__(self):
         if self.views < 0:
             raise ValueError(f"augment.views must be >= 0 (0: no planned views), got {self.views}")
+        if self.views and self.mix == "cutmix":
+            raise ValueError("planned views mix by mixup only (augment.mix=mixup); cutmix is drawn per batch")
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -144,12 +147,18 @@ class ViewPlan:
     flip: torch.Tensor  # bool
     dy: torch.Tensor    # translation offsets in [0, 2 * translate]
     dx: torch.Tensor
+    # planned mixup: row r is shown as lam[r] * (its view) + (1 - lam[r]) * (the view of row partner[r])
+    partner: torch.Tensor | None = None  # int64; rows outside the pool are their own partner
+    lam: torch.Tensor | None = None      # float32 in [0, 1]; 1 outside the pool
 
 
-def view_plan(n_images: int, view: int, cfg: AugmentConfig) -> ViewPlan:
-    """View number `view` of all n_images. It depends only on (n_images, view, cfg), never on a
-    run's seed or batch order, so a teacher and every student seed agree on what view v shows.
-    Alternate flipping keeps its meaning: each image is flipped in every other view."""
+def view_plan(n_images: int, view: int, cfg: AugmentConfig, pool: torch.Tensor | None = None) -> ViewPlan:
+    """View number `view` of all n_images. It depends only on (n_images, view, cfg, pool), never on
+    a run's seed or batch order, so a teacher and every student seed agree on what view v shows.
+    Alternate flipping keeps its meaning: each image is flipped in every other view.
+
+    With cfg.mix == "mixup", each row of `pool` (the training rows: partners never come from
+    val or test) is blended with another pool row, one Beta(mix_alpha, mix_alpha) weight per row."""
     g = torch.Generator().manual_seed(1_000_003 + view)
     offsets = torch.randint(0, 2 * cfg.translate + 1, (2, n_images), generator=g)
     if not cfg.flip:
@@ -158,7 +167,19 @@ def view_plan(n_images: int, view: int, cfg: AugmentConfig) -> ViewPlan:
         flip = _alternate(torch.arange(n_images), view, 0)
     else:
         flip = torch.rand(n_images, generator=g) < 0.5
-    return ViewPlan(flip, offsets[0], offsets[1])
+    plan = ViewPlan(flip, offsets[0], offsets[1])
+    if cfg.mix == "mixup":
+        if pool is None:
+            raise ValueError("planned mixup needs the pool of training rows to draw partners from")
+        import numpy as np
+        pool = pool.cpu().long()
+        g = torch.Generator().manual_seed(2_000_003 + view)  # its own stream: flips and shifts stay as without mixing
+        plan.partner = torch.arange(n_images)
+        plan.partner[pool] = pool[torch.randperm(len(pool), generator=g)]
+        plan.lam = torch.ones(n_images)
+        rng = np.random.default_rng(2_000_003 + view)
+        plan.lam[pool] = torch.from_numpy(rng.beta(cfg.mix_alpha, cfg.mix_alpha, len(pool))).float()
+    return plan
 
 
 def apply_view(x: torch.Tensor, plan: ViewPlan, indices: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -166,6 +187,19 @@ def apply_view(x: torch.Tensor, plan: ViewPlan, indices: torch.Tensor, cfg: Augm
     indices = indices.cpu()
     x = mirror(x, plan.flip[indices])
     return translate(x, cfg.translate, plan.dy[indices], plan.dx[indices])
+
+
+def show_view(images_u8: torch.Tensor, rows: torch.Tensor, plan: ViewPlan, cfg: AugmentConfig) -> torch.Tensor:
+    """Data set `rows` of images_u8 (every image of the data set) as the plan shows them, in uint8:
+    the one function both the teacher (labelling ahead of training) and the student call, so they
+    see the same pixels. Flips and shifts are exact in uint8; a planned blend is rounded once."""
+    rows = rows.cpu()
+    x = apply_view(images_u8[rows].float(), plan, rows, cfg)
+    if plan.partner is not None:
+        partner = plan.partner[rows]
+        lam = plan.lam[rows].view(-1, 1, 1, 1)
+        x = x * lam + apply_view(images_u8[partner].float(), plan, partner, cfg) * (1 - lam)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None):

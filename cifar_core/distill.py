@@ -21,6 +21,10 @@ loop) and cached with the teacher's identity. Two ways:
   views per image (view_plan), and the teacher labels every view as the student will see it, so
   the target fits the very image trained on (Beyer et al. 2022, "a good teacher is patient and
   consistent"). It costs V passes of the teacher over the training set, shared by every seed.
+- function matching (augment.views = V, augment.mix = "mixup"): each planned view also blends every
+  training image with a planned partner (a Beta(mix_alpha, mix_alpha) weight per image), and the
+  teacher labels the blend. Its members have memorized the 48k training images (their targets there
+  are nearly the labels), but not these blends: there its probabilities say something the labels do not.
 """
 from __future__ import annotations
 
@@ -32,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .augment import AugmentConfig, apply_view, view_plan
+from .augment import AugmentConfig, show_view, view_plan
 from .checkpoint import atomic_write_bytes
-from .data import Cifar10, make_split
-from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train
+from .data import Cifar10
+from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train, training_rows
 from .ensemble import FIT_FILE, Ensemble, load_zoo
 from .paths import checkpoints_dir
 
@@ -70,14 +74,14 @@ def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor,
     student can never silently learn from a row the teacher did not see.
 
     With planned views (augment.views = V > 0) the result is V x len(data) x C: the teacher's
-    targets for the very flipped and shifted images the student will see in each view."""
+    targets for the very flipped, shifted (and blended) images the student will see in each view;
+    `indices` must then be the student's training rows, the pool its planned partners come from."""
     if augment is None or not augment.views:
         return _log_probs_on_rows(teacher, data.images[indices], indices, len(data))
     out = []
-    images = data.images[indices].float()  # flips and reflect-padded shifts only move pixels: exact in uint8
     for view in range(augment.views):
         t0 = time.perf_counter()
-        shown = apply_view(images, view_plan(len(data), view, augment), indices, augment).to(torch.uint8)
+        shown = show_view(data.images, indices, view_plan(len(data), view, augment, pool=indices), augment)
         out.append(_log_probs_on_rows(teacher, shown, indices, len(data)))
         print(f"teacher: view {view + 1}/{augment.views} labelled in {time.perf_counter() - t0:.0f} s", flush=True)
     return torch.stack(out)
@@ -98,6 +102,8 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     # what defines the planned views (nothing else of the augmentation reaches the teacher)
     views = ({k: getattr(augment, k) for k in ("views", "translate", "flip", "flip_mode")}
              if augment is not None and augment.views else None)
+    if views and augment.mix != "none":  # keys of unmixed plans stay as they were: their caches stay valid
+        views.update(mix=augment.mix, mix_alpha=augment.mix_alpha)
     path = folder / (TEACHER_FILE if views is None else TEACHER_VIEWS_FILE)
     key = json.dumps({"teacher": teacher_identity(teacher), "data": data.fingerprint,
                       "indices": int(indices.sum()), "n": len(indices), **({"views": views} if views else {})},
@@ -115,13 +121,19 @@ def cached_teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tenso
     return logits
 
 
-def teacher_on_train(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
+def teacher_on_train(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                     augment: AugmentConfig | None = None) -> dict:
     """How much the teacher has to teach on the images the student trains on: its accuracy, its mean
     probability on the true class, its mean entropy (nats). A teacher that is ~100% right and sure on
     its own training images hands the student targets that are nearly the labels (RESULTS.md, Level 5).
-    With planned views (V x N x C) the numbers are over every view."""
+    With planned views (V x N x C) the numbers are over every view; on planned mixup views the "true
+    class" is that of the image with the larger blend weight."""
     rows = logits[..., indices, :].reshape(-1, logits.shape[-1]).float()
-    y = labels[indices].repeat(rows.shape[0] // len(indices))
+    if augment is not None and augment.views and augment.mix != "none":
+        plans = [view_plan(len(labels), v, augment, pool=indices) for v in range(augment.views)]
+        y = torch.cat([torch.where(p.lam[indices] >= 0.5, labels[indices], labels[p.partner[indices]]) for p in plans])
+    else:
+        y = labels[indices].repeat(rows.shape[0] // len(indices))
     p = rows.exp()
     return {"images": len(indices), "rows": rows.shape[0],
             "accuracy": round(float((rows.argmax(1) == y).float().mean()), 4),
@@ -171,9 +183,9 @@ def distill_pair(data: Cifar10, out_root: str | Path, student: str = "cifar_cnn_
     device = resolve_device(cfg.device)
     for m in teacher.members:  # the teacher labels 48k images (per view) once: on the GPU when there is one
         m.predictor.model.to(device)
-    split = make_split(data, cfg.split, cfg.split_seed)
-    logits = cached_teacher_logits(teacher, data, split.train, Path(teacher_cache or out_root), cfg.augment)
-    on_train = teacher_on_train(logits, data.labels, split.train)
+    rows = training_rows(data, cfg)  # the student's rows (and its mixup partners' pool)
+    logits = cached_teacher_logits(teacher, data, rows, Path(teacher_cache or out_root), cfg.augment)
+    on_train = teacher_on_train(logits, data.labels, rows, cfg.augment)
     print(f"teacher on the {on_train['images']} training images: {100 * on_train['accuracy']:.2f}% right, "
           f"{on_train['true_class_probability']:.3f} on the true class, entropy {on_train['entropy_nats']:.3f} nats",
           flush=True)

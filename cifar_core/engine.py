@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import frozen
 from .runtime import keep_freed_memory, peak_rss_gb
-from .augment import (AugmentConfig, augment_batch, flip_choices, mix_batch, normalize, random_translate, resize,
-                      to_float, view_plan)
+from .augment import (AugmentConfig, augment_batch, cutout, flip_choices, mix_batch, normalize, random_translate,
+                      resize, show_view, to_float, view_plan)
 from .data import Cifar10, load_cifar10, make_split
 from .ensemble import calibrated_metrics
 from .evaluate import evaluate_predictor, plot_confusion, plot_curves
@@ -273,14 +273,42 @@ def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     return torch.cat(picks).sort().values
 
 
+def training_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
+    """The data set rows a run trains on: the split's training rows, or a stratified subset of them
+    (train_subset). A teacher labelling planned views calls it too: mixup partners come from these rows."""
+    split = split or make_split(data, cfg.split, cfg.split_seed)
+    if not cfg.train_subset:
+        return split.train
+    return split.train[stratified_subset(data.labels[split.train], cfg.train_subset, cfg.seed)]
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                        labels_b: torch.Tensor | None = None, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Cross-entropy against lam * labels + (1 - lam) * labels_b: one weight for the batch (mix_batch)
+    or one per image (a planned mixup view); plain cross-entropy when nothing is blended in."""
+    smoothing = cfg.label_smoothing
+    if isinstance(lam, torch.Tensor):
+        per_image = lam * F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+        per_image = per_image + (1 - lam) * F.cross_entropy(logits, labels_b, label_smoothing=smoothing,
+                                                            reduction="none")
+        return per_image.mean()
+    loss = lam * F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    if lam < 1:
+        loss = loss + (1 - lam) * F.cross_entropy(logits, labels_b, label_smoothing=smoothing)
+    return loss
+
+
 def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                     cfg: TrainConfig) -> torch.Tensor:
+                     cfg: TrainConfig, labels_b: torch.Tensor | None = None,
+                     lam: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Hinton et al.'s distillation loss: (1-a) CE(labels) + a T^2 KL(teacher_T || student_T).
 
     T^2 keeps the soft term's gradient scale independent of T, so alpha means the same at any T.
+    On a planned mixup view the labels are the blend's (labels_b, lam), the teacher's target is its
+    own reading of the blended image.
     """
     t = cfg.distill_temperature
-    hard = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    hard = mixed_cross_entropy(logits, labels, cfg, labels_b, lam)
     soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
     return (1 - cfg.distill_alpha) * hard + cfg.distill_alpha * soft
@@ -290,8 +318,9 @@ def check_distill_config(cfg: TrainConfig) -> None:
     """Augmentations a teacher's targets cannot follow; checked before the teacher labels anything."""
     if cfg.distill_alpha <= 0:
         return
-    if cfg.augment.mix != "none":
-        raise ValueError("distillation and mixup/cutmix do not combine: the teacher never saw the mixed images")
+    if cfg.augment.mix != "none" and not cfg.augment.views:
+        raise ValueError("distillation and mixup/cutmix drawn per batch do not combine: the teacher never saw "
+                         "the mixed images (plan them: augment.views=V with augment.mix=mixup)")
     if cfg.augment.views and cfg.augment.cutout:
         raise ValueError("distillation over planned views and cutout do not combine: the teacher never saw the squares")
 
@@ -416,10 +445,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
     out_dir = Path(out_dir) if out_dir else None
     data = data or load_cifar10(cfg.data)
     split = make_split(data, cfg.split, cfg.split_seed)
-
-    train_idx = split.train
-    if cfg.train_subset:
-        train_idx = train_idx[stratified_subset(data.labels[train_idx], cfg.train_subset, cfg.seed)]
+    train_idx = training_rows(data, cfg, split)
     check_teacher_logits(teacher_logits, data, train_idx, cfg)
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                          input_size=cfg.input_size or None, **cfg.model_kwargs)
@@ -483,7 +509,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         # Augmentation randomness is seeded per epoch (and rank), so a resumed run is the same run.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-        plan = view_plan(len(data), epoch % cfg.augment.views, cfg.augment) if cfg.augment.views else None
+        plan = (view_plan(len(data), epoch % cfg.augment.views, cfg.augment, pool=train_idx)
+                if cfg.augment.views else None)
         first_step = epoch * steps_per_epoch
         steps = min(steps_per_epoch, total_steps - first_step)
         loss_sum = correct = seen = 0.0
@@ -494,11 +521,19 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
             if cache is not None:  # the flip is a cached view; shifts move the feature maps
                 flip = flip_choices(len(idx), cfg.augment, gen, train_idx[idx], epoch, cfg.seed)
                 x = random_translate(cache.train_batch(idx, flip, device), cfg.feature_shift, gen)  # feature pixels
+            elif plan is not None and plan.partner is not None:  # planned mixup: the pixels the teacher labelled
+                x = normalize(to_float(show_view(data.images, train_idx[idx], plan, cfg.augment).to(device)),
+                              spec.mean, spec.std)
+                x = cutout(x, cfg.augment.cutout, gen)  # as augment_batch does (a twin may use it; a student may not)
             else:
                 x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed,
                                   plan=plan)
             y = y_train[idx]
-            x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
+            if plan is not None and plan.partner is not None:  # one blend weight per image, fixed by the plan
+                partner = plan.partner[train_idx[idx].cpu()]
+                y_mix, lam = data.labels[partner].to(device), plan.lam[train_idx[idx].cpu()].to(device)
+            else:
+                x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
             size = train_size(step, total_steps, cfg, spec.input_size)
             if not stem_bias_trains(step, total_steps, cfg) and model.stem_bias_trains():
                 model.freeze_stem_bias()
@@ -513,11 +548,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
                 out = train_model(x)
             if cfg.distill_alpha > 0:
                 targets = teacher_targets(teacher_logits, train_idx[idx], epoch, cfg)
-                loss = soft_target_loss(out.float(), targets, y, cfg)
+                loss = soft_target_loss(out.float(), targets, y, cfg, y_mix, lam)
             else:
-                loss = lam * F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-                if lam < 1:
-                    loss = loss + (1 - lam) * F.cross_entropy(out.float(), y_mix, label_smoothing=cfg.label_smoothing)
+                loss = mixed_cross_entropy(out.float(), y, cfg, y_mix, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

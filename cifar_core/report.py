@@ -440,10 +440,16 @@ def section_summary(rep: Report, src: Sources) -> None:
         ens = src.ensemble
         val, test = _ens_metrics(ens, "fitted", "val"), _ens_metrics(ens, "fitted", "test")
         if val or test:
-            names = _member_names(ens)
-            params = [m.get("params") for m in ens.get("members") or [] if isinstance(m, dict)]
+            # the members the ensemble path computes: the fit gave the others weight 0 (below MIN_WEIGHT)
+            members = [m for m in ens.get("members") or [] if isinstance(m, dict)]
+            weighted = [m for m in members if (m.get("weight") or 0) > 0] or members
+            names = [str(m.get("name", "?")) for m in weighted]
+            idle = [str(m.get("name", "?")) for m in members if m not in weighted]
+            params = [m.get("params") for m in weighted]
             first = next((r for r in src.of_kind("checkpoint") if r.name in names), None)
-            rows.append((4, [4, f"{_level_title(4)} [ensemble: fitted weights]", " + ".join(f"`{n}`" for n in names),
+            rows.append((4, [4, f"{_level_title(4)} [ensemble: fitted weights"
+                             + (f"; not weighted: {', '.join(f'`{n}`' for n in idle)}]" if idle else "]"),
+                             " + ".join(f"`{n}`" for n in names),
                              fmt_params(sum(params)) if params and None not in params else "-", "-", "-",
                              fmt_pct(val.get("accuracy")), fmt_pct(test.get("accuracy")), fmt_nll_ece(test),
                              data_note(first.meta) if first else "-", f"`{_show(src.ensemble_path)}`"]))
@@ -617,13 +623,16 @@ def section_distill(rep: Report, src: Sources) -> None:
         a, b = by_role.get("distilled"), by_role.get("from-scratch twin")
         if a and b and a.test.get("accuracy") is not None and b.test.get("accuracy") is not None:
             d = a.meta["distillation"]
-            views = ((a.meta.get("train_config") or {}).get("augment") or {}).get("views")
+            augment = (a.meta.get("train_config") or {}).get("augment") or {}
+            views, mix = augment.get("views"), augment.get("mix", "none")
             teachers = ", ".join(f"`{m.get('name')}`" for m in d.get("members", []) if isinstance(m, dict))
             lines.append(f"Distillation gain: test accuracy {fmt_pct(b.test['accuracy'])} -> "
                          f"{fmt_pct(a.test['accuracy'])} ({100 * (a.test['accuracy'] - b.test['accuracy']):+.2f} pp)"
                          + (f"; teacher: {teachers}" if teachers else "")
                          + (f"; alpha {d['alpha']}, T {d['temperature']}" if "alpha" in d and "temperature" in d else "")
-                         + (f"; consistent teaching over {views} planned views" if views else ""))
+                         + (f"; consistent teaching over {views} planned views" if views else "")
+                         + (f", each a {mix} blend (Beta alpha {augment.get('mix_alpha')}) labelled by the teacher"
+                            if views and mix != "none" else ""))
             on_train = d.get("on_train")
             if isinstance(on_train, dict) and on_train.get("accuracy") is not None:
                 lines.append(f"Teacher on the student's training images: {fmt_pct(on_train['accuracy'])} right, "

@@ -93,3 +93,42 @@ def test_view_plan_is_a_fixed_flip_and_shift_per_image_whatever_the_batch():
     assert bool((flips[0] ^ flips[1]).all() and (flips[1] ^ flips[2]).all())
     assert 400 < int(flips[0].sum()) < 600
     assert set(plan.dy.tolist()) == set(range(5)) and set(plan.dx.tolist()) == set(range(5))
+
+
+def test_planned_mixup_fixes_partner_and_weight_per_image_within_the_pool():
+    import numpy as np
+    import pytest
+    from cifar_core.augment import show_view, view_plan
+    cfg = AugmentConfig(views=4, mix="mixup", mix_alpha=1.0)
+    pool = torch.arange(100, 900)  # the training rows; 0-99 and 900-999 stand for val and test
+    plan = view_plan(1000, 1, cfg, pool=pool)
+    again = view_plan(1000, 1, cfg, pool=pool)
+    assert torch.equal(plan.partner, again.partner) and torch.equal(plan.lam, again.lam)  # replayable
+    assert not torch.equal(plan.partner, view_plan(1000, 2, cfg, pool=pool).partner)
+    # partners are a permutation of the pool: no val or test image is ever blended into a training image
+    assert torch.equal(plan.partner[pool].sort().values, pool)
+    outside = torch.cat([torch.arange(100), torch.arange(900, 1000)])
+    assert torch.equal(plan.partner[outside], outside) and bool((plan.lam[outside] == 1).all())
+    lam = plan.lam[pool]
+    assert bool(((lam >= 0) & (lam <= 1)).all()) and abs(float(lam.mean()) - 0.5) < 0.05  # Beta(1, 1): uniform
+    # mixing draws from its own stream: the flips and shifts are those of the unmixed plan
+    plain = view_plan(1000, 1, AugmentConfig(views=4))
+    assert torch.equal(plan.flip, plain.flip) and torch.equal(plan.dy, plain.dy) and plain.partner is None
+    with pytest.raises(ValueError, match="pool"):
+        view_plan(1000, 1, cfg)
+    with pytest.raises(ValueError, match="cutmix"):
+        AugmentConfig(views=2, mix="cutmix")
+    # show_view blends each image's own view with its partner's own view, rounded once to uint8
+    images = (torch.rand(1000, 3, 32, 32) * 255).to(torch.uint8)
+    rows = pool[torch.randperm(800, generator=torch.Generator().manual_seed(0))[:50]]
+    shown = show_view(images, rows, plan, cfg)
+    assert shown.dtype == torch.uint8
+    from cifar_core.augment import apply_view
+    own = apply_view(images[rows].float(), plan, rows, cfg)
+    other = apply_view(images[plan.partner[rows]].float(), plan, plan.partner[rows], cfg)
+    lam = plan.lam[rows].view(-1, 1, 1, 1)
+    expected = (own * lam + other * (1 - lam)).round().clamp(0, 255)
+    assert np.array_equal(shown.numpy(), expected.to(torch.uint8).numpy())
+    # unmixed plans show exactly the flipped and shifted image
+    assert torch.equal(show_view(images, rows, plain, cfg), apply_view(images[rows].float(), plain, rows, cfg)
+                       .to(torch.uint8))

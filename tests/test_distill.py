@@ -47,6 +47,26 @@ def test_teacher_logits_are_checked(cifar):
     with pytest.raises(ValueError, match="cutout"):
         check_teacher_logits(torch.zeros(2, len(cifar), 10), cifar, idx,
                              replace(views, augment=AugmentConfig(views=2, cutout=8)))
+    # mixup: only as planned views, which the teacher labels; drawn per batch it never saw them
+    check_teacher_logits(torch.zeros(2, len(cifar), 10), cifar, idx,
+                         replace(views, augment=AugmentConfig(views=2, mix="mixup")))
+    with pytest.raises(ValueError, match="never saw"):
+        check_teacher_logits(torch.zeros(len(cifar), 10), cifar, idx, replace(cfg, augment=AugmentConfig(mix="mixup")))
+
+
+def test_mixed_cross_entropy_weighs_each_image_by_its_own_blend():
+    from cifar_core.engine import mixed_cross_entropy
+    torch.manual_seed(0)
+    logits, a, b = torch.randn(8, 10), torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
+    cfg = TrainConfig(label_smoothing=0.1)
+    lam = torch.rand(8)
+    per = [lam[i] * F.cross_entropy(logits[i:i + 1], a[i:i + 1], label_smoothing=0.1)
+           + (1 - lam[i]) * F.cross_entropy(logits[i:i + 1], b[i:i + 1], label_smoothing=0.1) for i in range(8)]
+    assert torch.allclose(mixed_cross_entropy(logits, a, cfg, b, lam), torch.stack(per).mean())
+    assert torch.allclose(mixed_cross_entropy(logits, a, cfg), F.cross_entropy(logits, a, label_smoothing=0.1))
+    # one weight for the batch (mix_batch) is the same loss as that weight for every image
+    assert torch.allclose(mixed_cross_entropy(logits, a, cfg, b, 0.3), mixed_cross_entropy(logits, a, cfg, b,
+                                                                                             torch.full((8,), 0.3)))
 
 
 def test_teacher_logits_cover_exactly_the_given_rows(cifar):
@@ -71,10 +91,20 @@ def test_teacher_logits_cover_exactly_the_given_rows(cifar):
         expected = member.predictor.probs(shown.to(torch.uint8))
         assert torch.allclose(logits[view, idx].softmax(1), expected, atol=1e-5)
     assert not torch.allclose(logits[0, idx], logits[1, idx])  # the views differ
+    # planned mixup views: the teacher labels each blend of a training row with its planned partner
+    from cifar_core.augment import show_view
+    rows = torch.arange(20)
+    aug = AugmentConfig(views=2, mix="mixup")
+    logits = teacher_logits(Ensemble([member]), cifar, rows, aug)
+    for view in range(2):
+        plan = view_plan(len(cifar), view, aug, pool=rows)
+        assert bool((plan.partner[rows] != rows).any()) and bool((plan.lam[rows] < 1).all())
+        expected = member.predictor.probs(show_view(cifar.images, rows, plan, aug))
+        assert torch.allclose(logits[view, rows].softmax(1), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("views", [0, 2])
-def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path, views):
+@pytest.mark.parametrize("views, mix", [(0, "none"), (2, "none"), (2, "mixup")])
+def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path, views, mix):
     # A teacher that knows the labels, as sure as a calibrated model (0.82 on the true class):
     # distilling from it alone must train the student about as well as labels do (0.27 here).
     probs = torch.full((len(cifar), 10), 0.02)
@@ -82,7 +112,7 @@ def test_short_distilled_run_learns_from_the_teacher(cifar, data_dir, tmp_path, 
     teacher = probs.log().expand(views, -1, -1) if views else probs.log()
     cfg = TrainConfig(model="cifar_cnn_small", epochs=2, batch_size=200, train_subset=1000, data=data_dir,
                       progress=False, tta=0, lr=1.0, distill_alpha=0.9, distill_temperature=2.0,
-                      augment=AugmentConfig(views=views))
+                      augment=AugmentConfig(views=views, mix=mix))
     result = train(cfg, out_dir=tmp_path / "student", data=cifar, teacher_logits=teacher)
     assert result.history[-1]["val_acc"] > 0.2  # chance is 0.1
     import json

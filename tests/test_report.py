@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from cifar_core.report import fmt_params
 
 SHIPPED = ROOT / "checkpoints" / "cifar_cnn"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,7 +97,8 @@ def tree(tmp_path):
             distillation={"role": role, "members": [{"name": "cifar_cnn"}], "alpha": 0.7, "temperature": 4.0,
                           **({"on_train": {"accuracy": 0.9812, "true_class_probability": 0.9412,
                                            "entropy_nats": 0.1711}} if role == "distilled" else {})}))
-        metas[role]["train_config"]["augment"]["views"] = 8  # consistent teaching: both twins follow the plan
+        # function matching: both twins follow a plan of 8 mixup views, which the teacher labelled
+        metas[role]["train_config"]["augment"].update(views=8, mix="mixup", mix_alpha=1.0)
         write_meta(runs / "distill" / folder, metas[role])
     ensemble = {
         "format": 1, "temperature": 0.95, "tta": None, "command": "python train.py ensemble",
@@ -104,8 +106,8 @@ def tree(tmp_path):
                      "params": metas[k]["params"],
                      "metrics": {"val": {"accuracy": metas[k]["metrics"]["val"]["accuracy"], "nll": 0.3, "ece": 0.02},
                                  "test": {"accuracy": metas[k]["metrics"]["test"]["accuracy"], "nll": 0.3, "ece": 0.02}}}
-                    for n, k, w in (("cifar_cnn", "cnn", 0.3), ("tf_efficientnet_lite0", "l2", 0.5),
-                                    ("vit_cifar", "vit", 0.2))],
+                    for n, k, w in (("cifar_cnn", "cnn", 0.5), ("tf_efficientnet_lite0", "l2", 0.5),
+                                    ("vit_cifar", "vit", 0.0))],  # the fit dropped the ViT: not computed
         "metrics": {"equal": {"val": {"n": 6000, "accuracy": 0.9566, "nll": 0.15, "ece": 0.01},
                               "test": {"n": 6000, "accuracy": 0.9544, "nll": 0.16, "ece": 0.011}},
                     "fitted": {"val": {"n": 6000, "accuracy": 0.9611, "nll": 0.13, "ece": 0.009},
@@ -138,6 +140,10 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
         assert row[8] == f"{test['nll']:.3f} / {test['ece']:.3f}", row
         assert row[4] == str(int(meta["train_config"]["epochs"]))
         assert row[9] == "offline JPEG q75 copy, seed split 48k/6k/6k"
+    # the fitted ensemble's row names the members it computes, and the ones the fit left out
+    ens_row = next(r for r in rows if "[ensemble: fitted weights" in r[1])
+    assert ens_row[2] == "`cifar_cnn` + `tf_efficientnet_lite0`" and "not weighted: `vit_cifar`" in ens_row[1]
+    assert ens_row[3] == fmt_params(metas["cnn"]["params"] + metas["l2"]["params"])
     assert by_model_level[("3", "`cifar_cnn`")][3] == f"{metas['cnn']['params'] / 1e6:.2f}M"
     total = sum(h["seconds"] for h in metas["cnn"]["history"])
     assert by_model_level[("3", "`cifar_cnn`")][5] == f"{total / 60:.1f} min"
@@ -166,7 +172,8 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     assert ens_rows["`tf_efficientnet_lite0`"][1] == "0.5000"
     assert any(r[6] == pct(ensemble["metrics"]["equal"]["test"]["accuracy"]) for r in ens_rows.values())
     assert ("Distillation gain: test accuracy 86.02% -> 87.01% (+0.99 pp); teacher: `cifar_cnn`; alpha 0.7, T 4.0; "
-            "consistent teaching over 8 planned views") in text
+            "consistent teaching over 8 planned views, each a mixup blend (Beta alpha 1.0) labelled by the teacher"
+            ) in text
     assert ("Teacher on the student's training images: 98.12% right, 0.941 mean probability on the true class, "
             "entropy 0.171 nats") in text
 
