@@ -429,6 +429,17 @@ def _load_resume(out_dir: Path, model, optimizer, lookahead):
 # The loop
 # ---------------------------------------------------------------------------------------------
 
+
+def _planned_mixup_batch(data, rows: torch.Tensor, plan, aug: AugmentConfig, spec, gen, device):
+    """A batch of planned mixup views: (normalized images, blended-in labels, one blend weight per image).
+
+    The pixels are exactly those the teacher labelled (augment.show_view), and each image's partner and
+    weight are fixed by the plan, so the student's blend matches its soft target."""
+    x = normalize(to_float(show_view(data.images, rows, plan, aug).to(device)), spec.mean, spec.std)
+    x = cutout(x, aug.cutout, gen)  # as augment_batch does (a twin may use it; a student may not)
+    return x, data.labels[plan.partner[rows]].to(device), plan.lam[rows].to(device)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | None = None,
           resume: bool = False, extra_meta: dict | None = None,
           teacher_logits: torch.Tensor | None = None) -> TrainResult:
@@ -518,21 +529,16 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, data: Cifar10 | N
         for i in range(steps):
             step = first_step + i
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
-            if cache is not None:  # the flip is a cached view; shifts move the feature maps
-                flip = flip_choices(len(idx), cfg.augment, gen, train_idx[idx], epoch, cfg.seed)
-                x = random_translate(cache.train_batch(idx, flip, device), cfg.feature_shift, gen)  # feature pixels
-            elif plan is not None and plan.partner is not None:  # planned mixup: the pixels the teacher labelled
-                x = normalize(to_float(show_view(data.images, train_idx[idx], plan, cfg.augment).to(device)),
-                              spec.mean, spec.std)
-                x = cutout(x, cfg.augment.cutout, gen)  # as augment_batch does (a twin may use it; a student may not)
-            else:
-                x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch, seed=cfg.seed,
-                                  plan=plan)
             y = y_train[idx]
-            if plan is not None and plan.partner is not None:  # one blend weight per image, fixed by the plan
-                partner = plan.partner[train_idx[idx].cpu()]
-                y_mix, lam = data.labels[partner].to(device), plan.lam[train_idx[idx].cpu()].to(device)
+            if plan is not None and plan.partner is not None:  # planned mixup: the pixels the teacher labelled
+                x, y_mix, lam = _planned_mixup_batch(data, train_idx[idx].cpu(), plan, cfg.augment, spec, gen, device)
             else:
+                if cache is not None:  # the flip is a cached view; shifts move the feature maps
+                    flip = flip_choices(len(idx), cfg.augment, gen, train_idx[idx], epoch, cfg.seed)
+                    x = random_translate(cache.train_batch(idx, flip, device), cfg.feature_shift, gen)  # feature px
+                else:
+                    x = augment_batch(x_train[idx], cfg.augment, gen, indices=train_idx[idx], epoch=epoch,
+                                      seed=cfg.seed, plan=plan)
                 x, _, y_mix, lam = mix_batch(x, y, cfg.augment, gen)  # y_mix: the blended-in images' labels
             size = train_size(step, total_steps, cfg, spec.input_size)
             if not stem_bias_trains(step, total_steps, cfg) and model.stem_bias_trains():

@@ -224,8 +224,16 @@ def load_or_build(model: nn.Module, freeze: int, data, train_idx: torch.Tensor, 
     root = Path(root) if root else cache_dir() / "features"
     root.mkdir(parents=True, exist_ok=True)
     _clean_partials(root)
-    key = cache_key(model, freeze, data, {"train": train_idx, "val": val_idx}, views)
+    subsets = {"train": train_idx, "val": val_idx}
+    key = cache_key(model, freeze, data, subsets, views)
     folder = root / content_digest(key)[:20]
+    if views < len(VIEWS) and not (folder / "key.json").exists():
+        # A cache that also holds the mirror holds this one: its identity view comes first (a run
+        # without the flip reads it instead of building a smaller copy of the same activations).
+        wider_key = cache_key(model, freeze, data, subsets, len(VIEWS))
+        wider = root / content_digest(wider_key)[:20]
+        if (wider / "key.json").exists():
+            key, folder = wider_key, wider
     files = [f"train_{VIEWS[v]}.npy" for v in range(views)] + (["val.npy"] if len(val_idx) else [])
     reused = (folder / "key.json").exists()
     seconds = 0.0

@@ -219,10 +219,13 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return format_table([dict(zip(headers, row)) for row in rows], headers)
 
 
+_WHOLE = {"model_kwargs"}  # free-form keyword arguments: compared as one value ({} is a change from the recipe's)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" not in _WHOLE:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -1,6 +1,7 @@
 """Fine-tuning from cached frozen stages (cifar_core/frozen.py, TrainConfig.freeze)."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,22 @@ def test_cache_holds_both_views_is_reused_and_keyed(cifar, feature_root):
     other.append(frozen.load_or_build(model, 2, cifar, train_idx, val_idx, 2, torch.device("cpu"), progress=False))
     assert len({c.path for c in [cache, *other]}) == 5 and not any(c.reused for c in other)
     assert json.loads((cache.path / "key.json").read_text())["key"]["freeze"] == 2
+
+
+def test_a_run_without_the_flip_reads_the_mirrored_cache(cifar, feature_root):
+    model = create_model("tf_efficientnet_lite0", input_size=32).eval()
+    train_idx, val_idx = torch.arange(0, 40), torch.arange(100, 120)
+    cpu = torch.device("cpu")
+    own = frozen.load_or_build(model, 2, cifar, train_idx, val_idx, 1, cpu, progress=False)
+    assert not own.reused and len(own.train) == 1  # nothing wider yet: a cache of its own
+    both = frozen.load_or_build(model, 2, cifar, train_idx, val_idx, 2, cpu, progress=False)
+    assert not both.reused and both.path != own.path  # one view never stands in for two
+    shutil.rmtree(own.path)
+    one = frozen.load_or_build(model, 2, cifar, train_idx, val_idx, 1, cpu, progress=False)
+    assert one.reused and one.path == both.path and one.seconds == 0 and one.key["views"] == ["identity", "flip"]
+    assert len(one.train) == 1 and np.array_equal(np.asarray(one.train[0]), np.asarray(both.train[0]))
+    assert np.array_equal(np.asarray(one.val), np.asarray(both.val))
+    assert sorted(p.name for p in feature_root.iterdir()) == [both.path.name]  # nothing else was written
 
 
 def test_a_killed_build_leaves_no_cache_and_its_leftovers_are_removed(cifar, feature_root, monkeypatch):

@@ -84,12 +84,16 @@ def tree(tmp_path):
     # Two variants at a short budget: the full Level 2 recipe and one without the flip (compared with each
     # other); no_smoothing keeps the 10-epoch budget of the Level 2 checkpoint (compared with it).
     from cifar_core.levels import LEVELS
-    for key, folder, acc in (("ab_full", "full", 0.9301), ("ab_noflip", "no_flip", 0.9211)):
+    for key, folder, acc in (("ab_full", "full", 0.9301), ("ab_noflip", "no_flip", 0.9211),
+                             ("ab_nodp", "no_drop_path", 0.9251)):
         meta = variant(base, "tf_efficientnet_lite0", acc - 0.001, acc, 3_384_706, 20.0)
         meta["train_config"] = {**LEVELS[2].config.to_dict(), "epochs": 2, "data": "elsewhere"}
         metas[key] = write_meta(runs / "ablation" / folder, meta)
     metas["ab_noflip"]["train_config"]["augment"]["flip"] = False
     write_meta(runs / "ablation" / "no_flip", metas["ab_noflip"])
+    assert metas["ab_nodp"]["train_config"]["model_kwargs"]  # the recipe's stochastic depth, switched off here:
+    metas["ab_nodp"]["train_config"]["model_kwargs"] = {}
+    write_meta(runs / "ablation" / "no_drop_path", metas["ab_nodp"])
     for role, folder, acc in (("distilled", "cifar_cnn_small_distilled", 0.8701),
                               ("from-scratch twin", "cifar_cnn_small_scratch", 0.8602)):
         metas[role] = write_meta(runs / "distill" / folder, variant(
@@ -161,10 +165,15 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     l1, l2 = metas["l1"]["metrics"]["test"]["accuracy"], metas["l2"]["metrics"]["test"]["accuracy"]
     assert f"test accuracy {pct(l1)} -> {pct(l2)} ({100 * (l2 - l1):+.2f} pp)" in text
     ablation = {r[0]: r for r in table_rows(text, "| Variant |")}
-    val = {k: metas[k]["metrics"]["val"]["accuracy"] for k in ("ab_full", "ab_noflip", "ab_nosmooth", "l2")}
+    val = {k: metas[k]["metrics"]["val"]["accuracy"]
+           for k in ("ab_full", "ab_noflip", "ab_nodp", "ab_nosmooth", "l2")}
     assert ablation["no_flip"][3] == pct(val["ab_noflip"])
     assert ablation["no_flip"][1] == 'augment.flip=false, epochs=2'
     assert ablation["full"][1] == "epochs=2"
+    # an emptied model_kwargs is a change (a run without stochastic depth is not the full recipe)
+    assert ablation["no_drop_path"][1] == "epochs=2, model_kwargs={}"
+    assert ablation["no_drop_path"][4] == f"{100 * (val['ab_nodp'] - val['ab_full']):+.2f} pp vs `full`"
+    assert ablation["full"][4] == "-"  # nothing else is the full recipe at its budget
     assert ablation["no_flip"][4] == f"{100 * (val['ab_noflip'] - val['ab_full']):+.2f} pp vs `full`"
     assert ablation["no_smoothing"][3] == pct(val["ab_nosmooth"])
     assert ablation["no_smoothing"][4] == f"{100 * (val['ab_nosmooth'] - val['l2']):+.2f} pp vs `tf_efficientnet_lite0`"
