@@ -321,7 +321,7 @@ def report_exports(exported) -> None:
 def cmd_distill(args, parser) -> int:
     from cifar_core.data import load_cifar10
     from cifar_core.distill import distill_pair
-    from cifar_core.engine import TrainConfig, apply_settings
+    from cifar_core.engine import TrainConfig, apply_settings, check_distill_config
 
     if not 0 < args.distill_alpha <= 1:
         parser.error(f"--distill-alpha must be in (0, 1], got {args.distill_alpha}")
@@ -331,8 +331,10 @@ def cmd_distill(args, parser) -> int:
                               + ([f"augment.mix={args.mix}"] if args.mix != "none" else []))
     except ValueError as e:
         parser.error(str(e))
-    if base.augment.mix != "none" and not base.augment.views:
-        parser.error("--mix: the teacher labels blends only as planned views: add --views V")
+    try:  # what the teacher's targets cannot follow (mixup drawn per batch, cutout on planned views): a usage error
+        check_distill_config(replace(base, distill_alpha=args.distill_alpha))
+    except ValueError as e:
+        parser.error(str(e))
     teacher_tta = args.teacher_tta if args.teacher_tta is not None else (0 if base.augment.views else 1)
     if base.augment.views and teacher_tta:
         parser.error("--views: the teacher labels each view as shown, so --teacher-tta must be 0")

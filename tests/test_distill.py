@@ -167,7 +167,11 @@ def test_distill_cli_set_overrides_the_shared_recipe(monkeypatch):
     # consistent teaching: the plan reaches both twins, and the teacher labels each view as shown
     assert train.main(["distill", "--views", "8"]) == 0
     assert seen["base"].augment.views == 8 and seen["teacher_tta"] == 0
-    for bad in (["--set", "no_such_field=1"], ["--views", "8", "--teacher-tta", "1"], ["--views", "-2"]):
+    # function matching: planned mixup reaches both twins
+    assert train.main(["distill", "--views", "2", "--mix", "mixup"]) == 0
+    assert seen["base"].augment.mix == "mixup" and seen["base"].augment.views == 2
+    for bad in (["--set", "no_such_field=1"], ["--views", "8", "--teacher-tta", "1"], ["--views", "-2"],
+                ["--mix", "mixup"], ["--views", "2", "--set", "augment.cutout=8"]):  # targets the teacher can't give
         with pytest.raises(SystemExit):
             train.main(["distill", *bad])
 
