@@ -326,12 +326,9 @@ def cmd_distill(args, parser) -> int:
     if not 0 < args.distill_alpha <= 1:
         parser.error(f"--distill-alpha must be in (0, 1], got {args.distill_alpha}")
     base = TrainConfig(data=args.data, split=args.split or "seed", split_seed=args.split_seed or 0, device=args.device)
-    try:
+    try:  # a bad --set, or what the teacher's targets cannot follow (mixup per batch, cutout on views): usage errors
         base = apply_settings(base, args.set + ([f"augment.views={args.views}"] if args.views else [])
                               + ([f"augment.mix={args.mix}"] if args.mix != "none" else []))
-    except ValueError as e:
-        parser.error(str(e))
-    try:  # what the teacher's targets cannot follow (mixup drawn per batch, cutout on planned views): a usage error
         check_distill_config(replace(base, distill_alpha=args.distill_alpha))
     except ValueError as e:
         parser.error(str(e))

@@ -79,6 +79,20 @@ def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict
     return row
 
 
+def zoo_correct(fit: dict, lp: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
+    """Which val images the fitted zoo ensemble gets right (boolean, N)."""
+    names = list(fit["weights"])
+    stacked = torch.stack([lp[n]["val"] for n in names]).double()
+    return mixture_log_probs(stacked, list(fit["weights"].values()), fit["temperature"]).argmax(1) == labels
+
+
+def overlap(zoo_right: torch.Tensor, cand_right: torch.Tensor) -> dict[str, int]:
+    """Does a candidate err differently? A member can only help where it is right and the ensemble is not:
+    `fixes` bounds what it can add, `breaks` what it can cost."""
+    return {"zoo errors": int((~zoo_right).sum()), "fixes": int((~zoo_right & cand_right).sum()),
+            "breaks": int((zoo_right & ~cand_right).sum())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("candidates", nargs="+", help="checkpoint folders that might join the zoo")
@@ -139,9 +153,13 @@ def main(argv=None) -> int:
           f"{len(idx['test'])} test images; each member at its own TTA level. Rule: a candidate joins if the val "
           f"gain is >= {args.min_gain} points.\n")
     print(format_table(rows, list(rows[0])))
+    zoo_right = zoo_correct(results["zoo"], lp, labels["val"])
     for c in candidates:
+        o = overlap(zoo_right, lp[c.name]["val"].argmax(1) == labels["val"])
+        results[f"zoo {c.name}"]["overlap on val"] = o
         print(f"{c.name.lstrip('+')}: alone val {accuracy(lp[c.name]['val'], labels['val']):.2f}%, "
-              f"test {accuracy(lp[c.name]['test'], labels['test']):.2f}% (TTA {c.predictor.tta})")
+              f"test {accuracy(lp[c.name]['test'], labels['test']):.2f}% (TTA {c.predictor.tta}); right on "
+              f"{o['fixes']} of the zoo's {o['zoo errors']} val errors, wrong on {o['breaks']} it gets right")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "fits": results, "argv": sys.argv[1:],
                                                "split": split.fingerprint}, indent=2) + "\n")

@@ -316,6 +316,11 @@ def test_candidate_joins_only_when_it_raises_val_accuracy(zoo_root, fake_data, t
     assert "cands/alpha: alone" in capsys.readouterr().out  # the twin is renamed, not confused with the zoo's alpha
     fits = json.loads((tmp_path / "rows.json").read_text())["fits"]
     assert "zoo +cands/alpha" in fits and "zoo + every candidate" in fits
+    # right on every image: it fixes each of the zoo's val errors and breaks nothing
+    o = fits["zoo +good"]["overlap on val"]
+    assert o["zoo errors"] > 0 and o["fixes"] == o["zoo errors"] and o["breaks"] == 0, o
+    assert bench.overlap(torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False])) == {
+        "zoo errors": 2, "fixes": 1, "breaks": 1}
     # the cache is keyed by content: the twin has alpha's weights and temperature, so it shares alpha's entry;
     # the second run reads every model's log-probabilities from the cache: no forward pass at all
     assert len(list((tmp_path / "cache" / "member_log_probs").glob("*.safetensors"))) == 3
