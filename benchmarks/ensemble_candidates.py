@@ -66,24 +66,21 @@ def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return 100 * log_prob_metrics(log_probs, labels)["accuracy"]
 
 
+def fitted_log_probs(row: dict, lp: dict[str, dict[str, torch.Tensor]], subset: str) -> torch.Tensor:
+    """N x C log-probabilities of a fitted ensemble (a refit() row) on one subset."""
+    stacked = torch.stack([lp[n][subset] for n in row["weights"]]).double()
+    return mixture_log_probs(stacked, list(row["weights"].values()), row["temperature"])
+
+
 def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor]) -> dict:
     """Fit the weights on val over `names`; score the fitted ensemble and its best member on val and test."""
-    stacked = {s: torch.stack([lp[n][s] for n in names]).double() for s in SUBSETS}
-    fit = fit_weights(stacked["val"], labels["val"])
+    fit = fit_weights(torch.stack([lp[n]["val"] for n in names]).double(), labels["val"])
     row = {"weights": dict(zip(names, fit.weights)), "temperature": fit.temperature}
     for s in SUBSETS:
-        mix = mixture_log_probs(stacked[s], fit.weights, fit.temperature)
-        m = log_prob_metrics(mix, labels[s])
+        m = log_prob_metrics(fitted_log_probs(row, lp, s), labels[s])
         row[s] = {"acc": 100 * m["accuracy"], "nll": m["nll"]}
         row[f"best member {s}"] = max(accuracy(lp[n][s], labels[s]) for n in names)
     return row
-
-
-def zoo_correct(fit: dict, lp: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
-    """Which val images the fitted zoo ensemble gets right (boolean, N)."""
-    names = list(fit["weights"])
-    stacked = torch.stack([lp[n]["val"] for n in names]).double()
-    return mixture_log_probs(stacked, list(fit["weights"].values()), fit["temperature"]).argmax(1) == labels
 
 
 def overlap(zoo_right: torch.Tensor, cand_right: torch.Tensor) -> dict[str, int]:
@@ -153,7 +150,7 @@ def main(argv=None) -> int:
           f"{len(idx['test'])} test images; each member at its own TTA level. Rule: a candidate joins if the val "
           f"gain is >= {args.min_gain} points.\n")
     print(format_table(rows, list(rows[0])))
-    zoo_right = zoo_correct(results["zoo"], lp, labels["val"])
+    zoo_right = fitted_log_probs(results["zoo"], lp, "val").argmax(1) == labels["val"]
     for c in candidates:
         o = overlap(zoo_right, lp[c.name]["val"].argmax(1) == labels["val"])
         results[f"zoo {c.name}"]["overlap on val"] = o
