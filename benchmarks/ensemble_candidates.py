@@ -16,6 +16,11 @@ the new model's two forward passes over 12,000 images (a few CPU minutes for an 
 Rows: the zoo as fitted now, the zoo with each candidate, and the zoo with every candidate; each is refitted
 with cifar_core.ensemble.fit_weights (the fit `python train.py ensemble` writes), so a member below
 MIN_WEIGHT drops out exactly as it would in the shipped ensemble.
+
+  python benchmarks/ensemble_candidates.py --zoo-tta 2 --data ../shared/data/cifar10
+
+adds one more row, the zoo refitted with every member at TTA level N instead of its own (level 2: flip and
+1-pixel shifts, 6 views; it triples a flip-TTA member's cost per image), under the same rule.
 """
 from __future__ import annotations
 
@@ -92,13 +97,17 @@ def overlap(zoo_right: torch.Tensor, cand_right: torch.Tensor) -> dict[str, int]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("candidates", nargs="+", help="checkpoint folders that might join the zoo")
+    p.add_argument("candidates", nargs="*", help="checkpoint folders that might join the zoo")
     p.add_argument("--checkpoints", default=None, help="the zoo (default $CIFAR_CHECKPOINTS or checkpoints/)")
     p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR, else the members' own)")
     p.add_argument("--min-gain", type=float, default=0.2, help="val accuracy points a candidate must add (0.2)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    p.add_argument("--zoo-tta", type=int, choices=(0, 1, 2),
+                   help="also refit the zoo with every member at this TTA level (one more row, same rule)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    if not args.candidates and args.zoo_tta is None:
+        p.error("name at least one candidate checkpoint folder, or --zoo-tta")
 
     torch.set_num_threads(args.threads)
     zoo = load_zoo(args.checkpoints)
@@ -110,7 +119,12 @@ def main(argv=None) -> int:
         return 2
     for c, path in zip(candidates, args.candidates):
         c.name = f"+{Path(path).parent.name}/{c.name}" if c.name in zoo_names else f"+{c.name}"
-    members = zoo + candidates
+    # the zoo again at another TTA level: other names, so the rows can mix them; a member already at that level
+    # has the same cache key, so it is read from the cache, not run twice
+    retta = load_zoo(args.checkpoints, tta=args.zoo_tta) if args.zoo_tta is not None else []
+    for m in retta:
+        m.name = f"{m.name}@tta{args.zoo_tta}"
+    members = zoo + candidates + retta
     if len({m.name for m in members}) != len(members):
         print("error: two candidates have the same folder name; give distinct folders", file=sys.stderr)
         return 2
@@ -133,6 +147,8 @@ def main(argv=None) -> int:
     sets.update({f"zoo {c.name}": zoo_names + [c.name] for c in candidates})
     if len(candidates) > 1:
         sets["zoo + every candidate"] = zoo_names + [c.name for c in candidates]
+    if retta:
+        sets[f"zoo at TTA {args.zoo_tta}"] = [m.name for m in retta]
     results = {name: refit(names, lp, labels) for name, names in sets.items()}
     base = results["zoo"]["val"]["acc"]
 
@@ -140,15 +156,22 @@ def main(argv=None) -> int:
     for name, r in results.items():
         gain = r["val"]["acc"] - base
         weights = ", ".join(f"{n.lstrip('+')} {w:.2f}" for n, w in r["weights"].items() if w > 0)
-        verdict = "-" if name == "zoo" else ("joins" if gain >= args.min_gain - 1e-9 else "stays out")
+        passes = gain >= args.min_gain - 1e-9
+        if name == "zoo":
+            verdict = "-"
+        elif name.startswith("zoo at TTA"):
+            verdict = f"switch to TTA {args.zoo_tta}" if passes else "keep each member's own TTA"
+        else:
+            verdict = "joins" if passes else "stays out"
         rows.append({"ensemble": name, "members (weight)": weights, "T": round(r["temperature"], 3),
                      "val acc %": round(r["val"]["acc"], 2), "val gain": round(gain, 2),
                      "val NLL": round(r["val"]["nll"], 4), "test acc %": round(r["test"]["acc"], 2),
                      "over best member (test)": round(r["test"]["acc"] - r["best member test"], 2),
                      "rule": verdict})
     print(f"\nSplit {split.name} (seed {split.seed}): weights fitted on {len(idx['val'])} val images, scored on "
-          f"{len(idx['test'])} test images; each member at its own TTA level. Rule: a candidate joins if the val "
-          f"gain is >= {args.min_gain} points.\n")
+          f"{len(idx['test'])} test images; each member at its own TTA level"
+          + (f" (in 'zoo at TTA {args.zoo_tta}': every member at level {args.zoo_tta})" if retta else "")
+          + f". Rule: a candidate joins (a TTA level is adopted) if the val gain is >= {args.min_gain} points.\n")
     print(format_table(rows, list(rows[0])))
     zoo_right = fitted_log_probs(results["zoo"], lp, "val").argmax(1) == labels["val"]
     for c in candidates:

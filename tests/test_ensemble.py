@@ -334,3 +334,35 @@ def test_candidate_joins_only_when_it_raises_val_accuracy(zoo_root, fake_data, t
     # a folder that is not a checkpoint: a clear error, exit 2
     assert bench.main([str(tmp_path / "nothing"), "--checkpoints", str(zoo_root)]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_zoo_at_another_tta_level_is_one_more_row_under_the_same_rule(zoo_root, fake_data, tmp_path, monkeypatch):
+    from conftest import load_benchmark
+    bench = load_benchmark("ensemble_candidates")
+    # the labels are alpha's own predictions at TTA level 2: the zoo re-run at level 2 can reach 100% val
+    alpha = bench.load_member(zoo_root / "alpha", tta=2)
+    with torch.no_grad():
+        labels = alpha.predictor.logits(fake_data.images).argmax(1)
+    data = SimpleNamespace(**{**vars(fake_data), "labels": labels})
+    monkeypatch.setattr(bench, "load_cifar10_for", lambda data_dir, metas: data)
+    monkeypatch.setattr("cifar_core.data.make_split", lambda data, name, seed: SPLIT)
+    monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path / "cache")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--zoo-tta", "2", "--checkpoints", str(zoo_root), "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {r["ensemble"]: r for r in record["rows"]}
+    assert list(rows) == ["zoo", "zoo at TTA 2"]
+    assert set(record["fits"]["zoo at TTA 2"]["weights"]) == {"alpha@tta2", "beta@tta2"}
+    assert rows["zoo"]["val acc %"] < 100.0 and rows["zoo at TTA 2"]["val acc %"] == 100.0, rows
+    assert rows["zoo at TTA 2"]["rule"] == "switch to TTA 2"
+    # the zoo's own level again: the same cache keys, so nothing new is computed or stored, and no gain
+    cache = tmp_path / "cache" / "member_log_probs"
+    assert len(list(cache.glob("*.safetensors"))) == 4
+    monkeypatch.setattr(bench, "member_log_probs", lambda *a, **k: pytest.fail("recomputed a cached model"))
+    assert bench.main(["--zoo-tta", "0", "--checkpoints", str(zoo_root), "--json", str(out)]) == 0
+    same = {r["ensemble"]: r for r in json.loads(out.read_text())["rows"]}["zoo at TTA 0"]
+    assert same["val gain"] == 0 and same["rule"] == "keep each member's own TTA"
+    # neither a candidate nor a TTA level: a usage error
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--checkpoints", str(zoo_root)])
+    assert e.value.code == 2
