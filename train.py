@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--distill-temperature", "--temperature", dest="distill_temperature", type=positive_float,
                    default=1.0,
                    help="softens teacher and student (the soft term is scaled by T^2; see cifar_core/distill.py)")
-    d.add_argument("--teacher", default=None, help="folder of teacher checkpoints, the ensemble (default $CIFAR_CHECKPOINTS or checkpoints/)")
+    d.add_argument("--teacher", default=None, help="folder of teacher checkpoints, the ensemble (default $CIFAR_CHECKPOINTS or checkpoints/); "
+                        "or one checkpoint per fold (trained with --set folds=K --set fold=k): a cross-fitted "
+                        "teacher, each training image labelled by the fold model that never trained on it")
     d.add_argument("--views", type=int, default=0,
                    help="consistent teaching: flips and shifts follow a plan of this many views per image, "
                         "which the teacher labels one by one ahead of training (same as --set augment.views=V); "

@@ -25,6 +25,9 @@ loop) and cached with the teacher's identity. Two ways:
   training image with a planned partner (a Beta(mix_alpha, mix_alpha) weight per image), and the
   teacher labels the blend. Its members have memorized the 48k training images (their targets there
   are nearly the labels), but not these blends: there its probabilities say something the labels do not.
+- cross-fitted (a teacher folder holding one checkpoint per fold, trained with folds = K, fold = k):
+  each training image is labelled by the one fold model that never trained on it, so every target is
+  an out-of-fold prediction, the kind of dark knowledge a teacher has on images it has not memorized.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ import torch
 from .augment import AugmentConfig, show_view, view_plan
 from .checkpoint import atomic_write_bytes
 from .data import Cifar10
-from .engine import TrainConfig, TrainResult, check_distill_config, resolve_device, train, training_rows
+from .engine import (TrainConfig, TrainResult, check_distill_config, held_out_rows, resolve_device, train,
+                     training_rows)
 from .ensemble import FIT_FILE, Ensemble, load_zoo
 from .paths import checkpoints_dir
 
@@ -55,17 +59,38 @@ def teacher_ensemble(root=None, tta: int | None = 1) -> Ensemble:
     members = load_zoo(root, tta=tta)
     if not members:
         raise ValueError(f"no teacher: no loadable checkpoints under {root}")
+    if fold_configs(members):  # one model per fold: each labels its own fold alone, there is nothing to weigh
+        return Ensemble(members, source="cross-fitted")
     with warnings.catch_warnings():  # fitted at the members' own TTA; the teacher may run lighter
         warnings.filterwarnings("ignore", message=".*other TTA levels.*")
         full = Ensemble.from_fit(members, Path(root) / FIT_FILE)
     return full.weighted_only()
 
 
+def fold_configs(members) -> list[TrainConfig] | None:
+    """The train configs of a cross-fitted teacher (every member trained on all but one fold), None for an
+    ordinary one. A cross-fitted teacher is exactly one checkpoint per fold of one split."""
+    cfgs = [TrainConfig.from_dict(m.meta.get("train_config") or {}) for m in members]
+    if not any(c.folds for c in cfgs):
+        return None
+    names = ", ".join(f"{m.name} ({f'fold {c.fold} of {c.folds}' if c.folds else 'no folds'})"
+                      for m, c in zip(members, cfgs))
+    folds = {c.folds for c in cfgs}
+    if 0 in folds or len(folds) > 1 or sorted(c.fold for c in cfgs) != list(range(cfgs[0].folds)):
+        raise ValueError(f"a cross-fitted teacher is one checkpoint per fold (folds 0..K-1 of the same K), got: {names}")
+    if len({(c.split, c.split_seed) for c in cfgs}) > 1 or len({m.meta.get("data", {}).get("fingerprint")
+                                                              for m in members}) > 1:
+        raise ValueError(f"the fold models of a cross-fitted teacher must share one split of one data set: {names}")
+    return cfgs
+
+
 def teacher_identity(teacher: Ensemble) -> dict:
-    return {"members": [{"name": m.name, "saved_at": m.meta.get("saved_at"), "weight": round(w, 4),
-                         "temperature": m.meta.get("temperature", 1.0)}
-                        for m, w in zip(teacher.members, teacher.weights)],
-            "ensemble_temperature": teacher.temperature}
+    identity = {"members": [{"name": m.name, "saved_at": m.meta.get("saved_at"), "weight": round(w, 4),
+                             "temperature": m.meta.get("temperature", 1.0)}
+                            for m, w in zip(teacher.members, teacher.weights)],
+                "ensemble_temperature": teacher.temperature}
+    folds = fold_configs(teacher.members)
+    return {**identity, "cross_fitted_folds": len(folds)} if folds else identity
 
 
 def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor,
@@ -75,7 +100,14 @@ def teacher_logits(teacher: Ensemble, data: Cifar10, indices: torch.Tensor,
 
     With planned views (augment.views = V > 0) the result is V x len(data) x C: the teacher's
     targets for the very flipped, shifted (and blended) images the student will see in each view;
-    `indices` must then be the student's training rows, the pool its planned partners come from."""
+    `indices` must then be the student's training rows, the pool its planned partners come from.
+
+    A cross-fitted teacher labels each row with the fold model that held it out (fixed targets only)."""
+    folds = fold_configs(teacher.members)
+    if folds:
+        if augment is not None and augment.views:
+            raise ValueError("a cross-fitted teacher labels each training image once, un-augmented: no planned views")
+        return _out_of_fold_log_probs(teacher, folds, data, indices)
     if augment is None or not augment.views:
         return _log_probs_on_rows(teacher, data.images[indices], indices, len(data))
     out = []
@@ -91,6 +123,25 @@ def _log_probs_on_rows(teacher: Ensemble, images_u8: torch.Tensor, indices: torc
     probs = teacher.probs(images_u8)
     out = torch.full((n_rows, probs.shape[1]), float("nan"))
     out[indices] = probs.clamp_min(1e-8).log()
+    return out
+
+
+def _out_of_fold_log_probs(teacher: Ensemble, folds: list[TrainConfig], data: Cifar10, indices: torch.Tensor):
+    out = None
+    for m, cfg in zip(teacher.members, folds):
+        if m.meta.get("data", {}).get("fingerprint") not in (None, data.fingerprint):
+            raise ValueError(f"fold model {m.name} was trained on other data than the student's: its folds differ")
+        rows = held_out_rows(data, cfg)
+        rows = rows[torch.isin(rows, indices)]
+        t0 = time.perf_counter()
+        part = m.predictor.probs(data.images[rows]).clamp_min(1e-8).log()
+        print(f"teacher: {m.name} labelled the {len(rows)} rows of its fold in {time.perf_counter() - t0:.0f} s", flush=True)
+        out = torch.full((len(data), part.shape[1]), float("nan")) if out is None else out
+        out[rows] = part
+    missing = int(torch.isnan(out[indices, 0]).sum())
+    if missing:
+        raise ValueError(f"{missing} of the student's {len(indices)} training rows are in no fold of the cross-fitted "
+                         "teacher (another split, or a student trained on other rows)")
     return out
 
 

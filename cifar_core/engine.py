@@ -72,6 +72,11 @@ class TrainConfig:
     split: str = "seed"
     split_seed: int = 0
     train_subset: int = 0             # >0: train on this many images (stratified), for quick runs
+    # cross-fitting: folds > 1 deals the training rows into `folds` stratified folds (fixed by split_seed,
+    # so every fold's run agrees on them) and trains on all but fold `fold`: the model has never seen
+    # that fold's images, and its predictions there are out-of-fold (a cross-fitted distillation teacher)
+    folds: int = 0
+    fold: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # evaluation and runtime
     tta: int = 2                      # test-time augmentation level used for reported metrics
@@ -273,10 +278,42 @@ def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     return torch.cat(picks).sort().values
 
 
-def training_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
-    """The data set rows a run trains on: the split's training rows, or a stratified subset of them
-    (train_subset). A teacher labelling planned views calls it too: mixup partners come from these rows."""
+def fold_of(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """The fold (0..folds-1) of each item, stratified: each class is dealt round-robin in an order fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        items = (labels == c).nonzero().squeeze(1)
+        out[items[torch.randperm(len(items), generator=g)]] = torch.arange(len(items)) % folds
+    return out
+
+
+def check_folds(cfg: TrainConfig) -> None:
+    if cfg.folds == 0:
+        return
+    if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds:
+        raise ValueError(f"folds={cfg.folds}, fold={cfg.fold}: cross-fitting needs folds >= 2 and 0 <= fold < folds")
+    if cfg.train_subset:
+        raise ValueError("folds and train_subset do not combine: a fold run trains on all rows outside its fold")
+
+
+def held_out_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
+    """The training rows of the split that a fold run (cfg.folds > 1) never trains on: its fold."""
+    check_folds(cfg)
+    if not cfg.folds:
+        raise ValueError("held_out_rows: this run was not trained on folds (folds=0)")
     split = split or make_split(data, cfg.split, cfg.split_seed)
+    return split.train[fold_of(data.labels[split.train], cfg.folds, cfg.split_seed) == cfg.fold]
+
+
+def training_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
+    """The data set rows a run trains on: the split's training rows, all but one fold of them (folds),
+    or a stratified subset of them (train_subset). A teacher labelling planned views calls it too: mixup
+    partners come from these rows."""
+    check_folds(cfg)
+    split = split or make_split(data, cfg.split, cfg.split_seed)
+    if cfg.folds:
+        return split.train[fold_of(data.labels[split.train], cfg.folds, cfg.split_seed) != cfg.fold]
     if not cfg.train_subset:
         return split.train
     return split.train[stratified_subset(data.labels[split.train], cfg.train_subset, cfg.seed)]

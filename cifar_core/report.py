@@ -632,6 +632,8 @@ def section_distill(rep: Report, src: Sources) -> None:
             lines.append(f"Distillation gain: test accuracy {fmt_pct(b.test['accuracy'])} -> "
                          f"{fmt_pct(a.test['accuracy'])} ({100 * (a.test['accuracy'] - b.test['accuracy']):+.2f} pp)"
                          + (f"; teacher: {teachers}" if teachers else "")
+                         + (f", cross-fitted over {d['cross_fitted_folds']} folds (each training image labelled by "
+                            "the fold model that never trained on it)" if d.get("cross_fitted_folds") else "")
                          + (f"; alpha {d['alpha']}, T {d['temperature']}" if "alpha" in d and "temperature" in d else "")
                          + (f"; consistent teaching over {views} planned views" if views else "")
                          + (f", each a {mix} blend (Beta alpha {augment.get('mix_alpha')}) labelled by the teacher"

@@ -124,6 +124,7 @@ def test_level5_runs_distill_then_export_then_benchmark(monkeypatch, tmp_path):
     """`train.py --level 5` wiring, with the expensive steps replaced by recorders."""
     import subprocess
     from types import SimpleNamespace
+
     import train
     from cifar_core import distill
     calls = []
@@ -194,8 +195,9 @@ def test_distill_cli_flags_are_named_as_the_config_fields(monkeypatch, capsys):
 
 
 def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
-    from types import SimpleNamespace
     from dataclasses import replace
+    from types import SimpleNamespace
+
     from cifar_core.checkpoint import save_checkpoint
     from cifar_core.data import CLASSES
     from cifar_core.distill import finished_run
@@ -217,6 +219,7 @@ def test_finished_twin_is_reused_only_for_the_same_config_and_data(tmp_path):
 def test_distill_pair_refuses_augmentations_the_teacher_cannot_follow_before_labelling(tmp_path):
     """The config is checked first: no teacher is loaded (there is none here) and nothing is written."""
     from types import SimpleNamespace
+
     from cifar_core.distill import distill_pair
     for augment in (AugmentConfig(mix="cutmix"), AugmentConfig(views=2, cutout=8)):
         with pytest.raises(ValueError, match="do not combine"):
@@ -240,3 +243,86 @@ def test_teacher_on_train_measures_how_close_the_targets_are_to_the_labels():
     assert stats["entropy_nats"] == pytest.approx(-(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1)), abs=1e-4)
     views = teacher_on_train(torch.stack([logits, logits]), labels, idx)  # V x N x C: every view counts
     assert views["rows"] == 6 and views["accuracy"] == stats["accuracy"]
+
+
+def test_fold_runs_partition_the_training_rows(cifar):
+    from cifar_core.data import make_split
+    from cifar_core.engine import held_out_rows, training_rows
+    split = make_split(cifar, "seed", 0)
+    cfgs = [TrainConfig(folds=3, fold=k) for k in range(3)]
+    held = [held_out_rows(cifar, c) for c in cfgs]
+    assert sum(len(h) for h in held) == len(split.train)
+    assert torch.equal(torch.cat(held).sort().values, split.train.sort().values)  # every row in exactly one fold
+    for c, h in zip(cfgs, held):
+        rows = training_rows(cifar, c)
+        assert len(rows) + len(h) == len(split.train) and not torch.isin(rows, h).any()
+        counts = torch.bincount(cifar.labels[h], minlength=10)
+        assert counts.max() - counts.min() <= 1  # stratified: each class dealt round-robin
+    # the folds are fixed by the split, not by the run's seed: every fold's run agrees on them
+    assert torch.equal(held_out_rows(cifar, replace(cfgs[0], seed=5)), held[0])
+    for bad in (TrainConfig(folds=1), TrainConfig(folds=2, fold=2), TrainConfig(folds=2, train_subset=100)):
+        with pytest.raises(ValueError, match="fold"):
+            training_rows(cifar, bad)
+    with pytest.raises(ValueError, match="not trained on folds"):
+        held_out_rows(cifar, TrainConfig())
+
+
+def test_cross_fitted_teacher_labels_each_row_with_the_model_that_held_it_out(cifar):
+    from cifar_core.distill import teacher_identity, teacher_logits
+    from cifar_core.engine import held_out_rows
+    from cifar_core.ensemble import Ensemble, Member
+    from cifar_core.models import create_model
+    from cifar_core.predictor import Predictor
+
+    def fold_member(k, folds=2, **extra):
+        torch.manual_seed(k)
+        cfg = {**TrainConfig(folds=folds, fold=k).to_dict(), **extra}
+        return Member(f"fold{k}", None, {"train_config": cfg, "data": {"fingerprint": cifar.fingerprint}},
+                      Predictor(create_model("cifar_cnn_small").eval(), tta=0))
+
+    members = [fold_member(0), fold_member(1)]
+    held = [held_out_rows(cifar, TrainConfig(folds=2, fold=k)) for k in range(2)]
+    # a few rows of each fold, as a student's training rows
+    rows = torch.cat([held[0][:4], held[1][:3]])
+    logits = teacher_logits(Ensemble(members), cifar, rows)
+    assert torch.isfinite(logits[rows]).all() and int(torch.isfinite(logits[:, 0]).sum()) == len(rows)
+    for m, h in zip(members, held):
+        mine = h[torch.isin(h, rows)]
+        assert torch.allclose(logits[mine].softmax(1), m.predictor.probs(cifar.images[mine]), atol=1e-5)
+        other = members[1 - members.index(m)]
+        assert not torch.allclose(logits[mine].softmax(1), other.predictor.probs(cifar.images[mine]), atol=1e-3)
+    assert teacher_identity(Ensemble(members))["cross_fitted_folds"] == 2
+    # a row no fold model held out (a val row) has no out-of-fold target
+    from cifar_core.data import make_split
+    with pytest.raises(ValueError, match="in no fold"):
+        teacher_logits(Ensemble(members), cifar, torch.cat([rows, make_split(cifar, "seed", 0).val[:1]]))
+    with pytest.raises(ValueError, match="one checkpoint per fold"):
+        teacher_logits(Ensemble(members[:1]), cifar, rows)  # fold 1 missing
+    with pytest.raises(ValueError, match="one checkpoint per fold"):
+        teacher_logits(Ensemble([members[0], fold_member(1, folds=0)]), cifar, rows)  # an ordinary model mixed in
+    with pytest.raises(ValueError, match="one split"):
+        teacher_logits(Ensemble([members[0], fold_member(1, split_seed=1)]), cifar, rows)
+    with pytest.raises(ValueError, match="no planned views"):
+        teacher_logits(Ensemble(members), cifar, rows, AugmentConfig(views=2))
+
+
+def test_distill_pair_takes_a_folder_of_fold_models_as_a_cross_fitted_teacher(cifar, data_dir, tmp_path):
+    import json
+
+    from cifar_core.checkpoint import save_checkpoint
+    from cifar_core.data import CLASSES
+    from cifar_core.distill import distill_pair
+    from cifar_core.models import create_model
+    for k in range(2):
+        torch.manual_seed(k)
+        model = create_model("cifar_cnn_small").eval()
+        meta = {"model": "cifar_cnn_small", "model_kwargs": model.model_kwargs, "classes": list(CLASSES),
+                "spec": model.spec.to_dict(), "metrics": {"tta": 0}, "data": {"fingerprint": cifar.fingerprint},
+                "train_config": TrainConfig(folds=2, fold=k).to_dict()}
+        save_checkpoint(tmp_path / "teacher" / f"fold{k}", model, meta, half=False)
+    base = TrainConfig(batch_size=100, train_subset=300, data=data_dir, tta=0, lr=1.0)
+    distill_pair(cifar, tmp_path / "out", epochs=1, teacher_root=tmp_path / "teacher", teacher_tta=0, base=base,
+                 progress=False)
+    d = json.loads((tmp_path / "out" / "cifar_cnn_small_distilled" / "meta.json").read_text())["distillation"]
+    assert d["cross_fitted_folds"] == 2 and [m["name"] for m in d["members"]] == ["fold0", "fold1"]
+    assert d["on_train"]["images"] == 300 and d["on_train"]["accuracy"] < 0.5  # untrained fold models: near chance
