@@ -127,7 +127,7 @@ def _log_probs_on_rows(teacher: Ensemble, images_u8: torch.Tensor, indices: torc
 
 
 def _out_of_fold_log_probs(teacher: Ensemble, folds: list[TrainConfig], data: Cifar10, indices: torch.Tensor):
-    out = None
+    out = torch.full((len(data), len(data.classes)), float("nan"))
     for m, cfg in zip(teacher.members, folds):
         if m.meta.get("data", {}).get("fingerprint") not in (None, data.fingerprint):
             raise ValueError(f"fold model {m.name} was trained on other data than the student's: its folds differ")
@@ -136,7 +136,6 @@ def _out_of_fold_log_probs(teacher: Ensemble, folds: list[TrainConfig], data: Ci
         t0 = time.perf_counter()
         part = m.predictor.probs(data.images[rows]).clamp_min(1e-8).log()
         print(f"teacher: {m.name} labelled the {len(rows)} rows of its fold in {time.perf_counter() - t0:.0f} s", flush=True)
-        out = torch.full((len(data), part.shape[1]), float("nan")) if out is None else out
         out[rows] = part
     missing = int(torch.isnan(out[indices, 0]).sum())
     if missing:

@@ -303,7 +303,12 @@ def held_out_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
     if not cfg.folds:
         raise ValueError("held_out_rows: this run was not trained on folds (folds=0)")
     split = split or make_split(data, cfg.split, cfg.split_seed)
-    return split.train[fold_of(data.labels[split.train], cfg.folds, cfg.split_seed) == cfg.fold]
+    return split.train[_in_own_fold(data, cfg, split)]
+
+
+def _in_own_fold(data: Cifar10, cfg: TrainConfig, split) -> torch.Tensor:
+    """For each of the split's training rows: is it in the fold this run holds out?"""
+    return fold_of(data.labels[split.train], cfg.folds, cfg.split_seed) == cfg.fold
 
 
 def training_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
@@ -313,7 +318,7 @@ def training_rows(data: Cifar10, cfg: TrainConfig, split=None) -> torch.Tensor:
     check_folds(cfg)
     split = split or make_split(data, cfg.split, cfg.split_seed)
     if cfg.folds:
-        return split.train[fold_of(data.labels[split.train], cfg.folds, cfg.split_seed) != cfg.fold]
+        return split.train[~_in_own_fold(data, cfg, split)]
     if not cfg.train_subset:
         return split.train
     return split.train[stratified_subset(data.labels[split.train], cfg.train_subset, cfg.seed)]
