@@ -21,6 +21,11 @@ MIN_WEIGHT drops out exactly as it would in the shipped ensemble.
 
 adds one more row, the zoo refitted with every member at TTA level N instead of its own (level 2: flip and
 1-pixel shifts, 6 views; it triples a flip-TTA member's cost per image), under the same rule.
+
+  python benchmarks/ensemble_candidates.py --zoo-tta 2 --val-only --data ../shared/data/cifar10
+
+scores val only, which is all the rule reads: half the forward passes, so a slow level fits in one session. The
+rows then have no test columns; a later run without --val-only reuses the cached val half and adds test.
 """
 from __future__ import annotations
 
@@ -50,21 +55,24 @@ def log_probs_key(member: Member, split_fingerprint: str, data_fingerprint) -> s
 
 
 def cached_log_probs(member: Member, images: dict[str, torch.Tensor], key: str, root: Path) -> dict[str, torch.Tensor]:
-    """{subset: N x C calibrated log-probabilities}, from the cache or computed and cached (atomically)."""
+    """{subset: N x C calibrated log-probabilities} for each subset in `images`, from the cache or computed and
+    cached (atomically). An entry may hold only some subsets (a --val-only run): the missing ones are computed
+    and the entry is rewritten with all of them."""
     from safetensors.torch import load_file, save_file
     path = root / f"{key}.safetensors"
-    if path.exists():
-        return load_file(path)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = {s: member_log_probs([member], x)[0].float().contiguous() for s, x in images.items()}
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={"member": member.name, "tta": str(member.predictor.tta)})
-    tmp.replace(path)
-    print(f"  {member.name}: {sum(len(x) for x in images.values())} images in {time.perf_counter() - t0:.0f} s "
-          f"(cached as {path.name})", file=sys.stderr)
-    return out
+    out = load_file(path) if path.exists() else {}
+    missing = {s: x for s, x in images.items() if s not in out}
+    if missing:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out.update({s: member_log_probs([member], x)[0].float().contiguous() for s, x in missing.items()})
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(out, str(tmp), metadata={"member": member.name, "tta": str(member.predictor.tta)})
+        tmp.replace(path)
+        print(f"  {member.name}: {sum(len(x) for x in missing.values())} {'+'.join(missing)} images in "
+              f"{time.perf_counter() - t0:.0f} s (cached as {path.name})", file=sys.stderr)
+    return {s: out[s] for s in images}
 
 
 def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,11 +85,12 @@ def fitted_log_probs(row: dict, lp: dict[str, dict[str, torch.Tensor]], subset: 
     return mixture_log_probs(stacked, list(row["weights"].values()), row["temperature"])
 
 
-def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor]) -> dict:
-    """Fit the weights on val over `names`; score the fitted ensemble and its best member on val and test."""
+def refit(names: list[str], lp: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor],
+          subsets=SUBSETS) -> dict:
+    """Fit the weights on val over `names`; score the fitted ensemble and its best member on each subset."""
     fit = fit_weights(torch.stack([lp[n]["val"] for n in names]).double(), labels["val"])
     row = {"weights": dict(zip(names, fit.weights)), "temperature": fit.temperature}
-    for s in SUBSETS:
+    for s in subsets:
         m = log_prob_metrics(fitted_log_probs(row, lp, s), labels[s])
         row[s] = {"acc": 100 * m["accuracy"], "nll": m["nll"]}
         row[f"best member {s}"] = max(accuracy(lp[n][s], labels[s]) for n in names)
@@ -104,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--zoo-tta", type=int, choices=(0, 1, 2),
                    help="also refit the zoo with every member at this TTA level (one more row, same rule)")
+    p.add_argument("--val-only", action="store_true",
+                   help="score val only (all the rule reads): half the forward passes; no test columns")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     if not args.candidates and args.zoo_tta is None:
@@ -135,7 +146,8 @@ def main(argv=None) -> int:
     except EnsembleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    idx = {"val": split.val, "test": split.test}
+    subsets = ("val",) if args.val_only else SUBSETS
+    idx = {s: getattr(split, s) for s in subsets}
     images = {s: data.images[i] for s, i in idx.items()}
     labels = {s: data.labels[i] for s, i in idx.items()}
     root = cache_dir() / "member_log_probs"
@@ -149,7 +161,7 @@ def main(argv=None) -> int:
         sets["zoo + every candidate"] = zoo_names + [c.name for c in candidates]
     if retta:
         sets[f"zoo at TTA {args.zoo_tta}"] = [m.name for m in retta]
-    results = {name: refit(names, lp, labels) for name, names in sets.items()}
+    results = {name: refit(names, lp, labels, subsets) for name, names in sets.items()}
     base = results["zoo"]["val"]["acc"]
 
     rows = []
@@ -163,13 +175,15 @@ def main(argv=None) -> int:
             verdict = f"switch to TTA {args.zoo_tta}" if passes else "keep each member's own TTA"
         else:
             verdict = "joins" if passes else "stays out"
-        rows.append({"ensemble": name, "members (weight)": weights, "T": round(r["temperature"], 3),
-                     "val acc %": round(r["val"]["acc"], 2), "val gain": round(gain, 2),
-                     "val NLL": round(r["val"]["nll"], 4), "test acc %": round(r["test"]["acc"], 2),
-                     "over best member (test)": round(r["test"]["acc"] - r["best member test"], 2),
-                     "rule": verdict})
-    print(f"\nSplit {split.name} (seed {split.seed}): weights fitted on {len(idx['val'])} val images, scored on "
-          f"{len(idx['test'])} test images; each member at its own TTA level"
+        row = {"ensemble": name, "members (weight)": weights, "T": round(r["temperature"], 3),
+               "val acc %": round(r["val"]["acc"], 2), "val gain": round(gain, 2), "val NLL": round(r["val"]["nll"], 4)}
+        if "test" in r:
+            row.update({"test acc %": round(r["test"]["acc"], 2),
+                        "over best member (test)": round(r["test"]["acc"] - r["best member test"], 2)})
+        rows.append({**row, "rule": verdict})
+    scored = f"scored on {len(idx['test'])} test images" if "test" in idx else "test not scored (--val-only)"
+    print(f"\nSplit {split.name} (seed {split.seed}): weights fitted on {len(idx['val'])} val images, {scored}; "
+          f"each member at its own TTA level"
           + (f" (in 'zoo at TTA {args.zoo_tta}': every member at level {args.zoo_tta})" if retta else "")
           + f". Rule: a candidate joins (a TTA level is adopted) if the val gain is >= {args.min_gain} points.\n")
     print(format_table(rows, list(rows[0])))
@@ -177,8 +191,9 @@ def main(argv=None) -> int:
     for c in candidates:
         o = overlap(zoo_right, lp[c.name]["val"].argmax(1) == labels["val"])
         results[f"zoo {c.name}"]["overlap on val"] = o
+        test = f"test {accuracy(lp[c.name]['test'], labels['test']):.2f}% " if "test" in idx else ""
         print(f"{c.name.lstrip('+')}: alone val {accuracy(lp[c.name]['val'], labels['val']):.2f}%, "
-              f"test {accuracy(lp[c.name]['test'], labels['test']):.2f}% (TTA {c.predictor.tta}); right on "
+              f"{test}(TTA {c.predictor.tta}); right on "
               f"{o['fixes']} of the zoo's {o['zoo errors']} val errors, wrong on {o['breaks']} it gets right")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "fits": results, "argv": sys.argv[1:],

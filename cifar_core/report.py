@@ -409,6 +409,23 @@ def _zoo_member_only(run: Run) -> bool:
     return run.level is None and run.kind == "checkpoint"
 
 
+def _teacher_names(d: dict) -> str:
+    """The teacher's checkpoints as recorded in a distilled run's meta (`distillation.members`)."""
+    return ", ".join(f"`{m.get('name')}`" for m in d.get("members", []) if isinstance(m, dict))
+
+
+def _distill_what(d: dict) -> str:
+    """A level-5 row's own teacher, not the level's default (the shipped ensemble): runs with other teachers
+    (cross-fitted folds, one model) sit in the same table."""
+    if d.get("role") != "distilled":
+        return f"distillation [{d.get('role')}: labels only, same recipe and budget]"
+    teachers = _teacher_names(d)
+    folds = d.get("cross_fitted_folds")
+    source = (f"cross-fitted over {folds} folds ({teachers})" if folds
+              else f"{teachers}" if len(d.get("members") or []) == 1 else f"the ensemble of {teachers}")
+    return f"distillation [distilled from {source}]"
+
+
 def _summary_row(run: Run, what: str, level: int | None = None) -> list:
     cfg = run.meta.get("train_config") or {}
     level = run.level if level is None else level
@@ -430,9 +447,9 @@ def section_summary(rep: Report, src: Sources) -> None:
     seen_levels = {r.level for r in ranked}
     for run in ranked:
         what, level = _level_title(run.level), run.level
-        role = (run.meta.get("distillation") or {}).get("role")
-        if role:
-            what = f"{what} [{role}]"
+        distill = run.meta.get("distillation") or {}
+        if distill.get("role"):
+            what = _distill_what(distill)
         elif run.level == 4:
             what = f"{what} [member]"
         elif _zoo_member_only(run):
@@ -628,7 +645,7 @@ def section_distill(rep: Report, src: Sources) -> None:
             d = a.meta["distillation"]
             augment = (a.meta.get("train_config") or {}).get("augment") or {}
             views, mix = augment.get("views"), augment.get("mix", "none")
-            teachers = ", ".join(f"`{m.get('name')}`" for m in d.get("members", []) if isinstance(m, dict))
+            teachers = _teacher_names(d)
             lines.append(f"Distillation gain: test accuracy {fmt_pct(b.test['accuracy'])} -> "
                          f"{fmt_pct(a.test['accuracy'])} ({100 * (a.test['accuracy'] - b.test['accuracy']):+.2f} pp)"
                          + (f"; teacher: {teachers}" if teachers else "")

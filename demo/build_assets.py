@@ -11,7 +11,12 @@ writes
                                     provenance
 
 Rerun it after adding or retraining checkpoints: the mistakes and the detector belong to one ensemble (the
-demo turns a stale detector off and says so). The detector is the one benchmarks/ood.py chose
+demo turns a stale detector off and says so). After re-exporting only an edge model (exports/<name>/int8.onnx),
+
+  python -m demo.build_assets --data ../shared/data/cifar10 --edge-only
+
+re-measures just the edge models' accuracy and latency (a minute) and rewrites assets.json's "edge" record; the
+ensemble's files stay as they are. The detector is the one benchmarks/ood.py chose
 (results/ood.json); --ood-detector overrides it.
 """
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from cifar_core.assets import compute_assets
+from cifar_core.assets import compute_assets, measure_edge
 from cifar_core.checkpoint import atomic_write_bytes, atomic_write_json, now_iso
 from cifar_core.data import CLASSES, load_cifar10, make_split
 from cifar_core.ood import METHODS
@@ -59,12 +64,29 @@ def save_examples(images: torch.Tensor, labels: torch.Tensor) -> list[str]:
     return written
 
 
+def update_edge(path: Path, edge: dict, split, command: str) -> None:
+    """Replace the "edge" record of an existing assets.json (same split), keeping the ensemble's records."""
+    try:
+        assets = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--edge-only updates an existing {path}, which could not be read ({e}): "
+                         "run a full build first")
+    if (assets.get("split") or {}).get("fingerprint") != split.fingerprint:
+        raise SystemExit(f"{path} was built on another split than the checkpoints': run a full build")
+    assets["edge"] = edge
+    assets["edge_built"] = {"at": now_iso(), "command": command}
+    atomic_write_json(path, assets)
+    print(json.dumps(edge, indent=2))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CIFAR-10 folder (default $CIFAR10_DIR, else ../shared/data/cifar10)")
     p.add_argument("--checkpoints", help="checkpoints root (default $CIFAR_CHECKPOINTS or checkpoints/)")
     p.add_argument("--out", default=str(ASSETS_DIR))
     p.add_argument("--ood-detector", choices=METHODS, help="default: the choice recorded in results/ood.json")
+    p.add_argument("--edge-only", action="store_true",
+                   help="re-measure only the int8 edge models into the existing assets.json")
     args = p.parse_args(argv)
     keep_freed_memory()  # large inference batches without per-batch page faults (cifar_core/runtime.py)
 
@@ -81,6 +103,10 @@ def main(argv=None) -> None:
     print(f"models: {lab.names}; split {split_name}/{split_seed}", file=sys.stderr)
 
     test_images, test_labels = data.images[split.test], data.labels[split.test]
+    command = "python -m demo.build_assets " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.edge_only:
+        update_edge(Path(args.out) / "assets.json", measure_edge(lab, test_images, test_labels), split, command)
+        return
     examples = save_examples(test_images, test_labels)
     photos = {name: lab.decode(EXAMPLES_DIR / name) for name in examples}
     # the detector (fitted on train, thresholded on validation images) and the mistakes (test) are cifar_core's
@@ -94,7 +120,7 @@ def main(argv=None) -> None:
     atomic_write_bytes(out / computed["ood"]["file"], save(ood_tensors, metadata={"method": computed["ood"]["method"]}))
     assets = {
         "built_at": now_iso(),
-        "command": "python -m demo.build_assets " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         **computed,
         "examples": examples,
     }

@@ -63,3 +63,30 @@ def test_compute_assets_fits_the_detector_records_metrics_and_mistakes():
     wrong = int((lab.ensemble.probs(Data.images[_Split.test]).argmax(1) != Data.labels[_Split.test]).sum())
     assert assets["mistakes"]["total_wrong"] == wrong and assets["ensemble_test"]["n"] == 50
     assert len(mistakes["labels"]) == min(wrong, 400)
+
+
+def test_edge_only_rebuild_replaces_the_edge_record_and_keeps_the_rest(tmp_path):
+    """`python -m demo.build_assets --edge-only`: after re-exporting an edge model, only assets.json's "edge"
+    changes; the ensemble's records stay; another split or no assets.json at all is refused by name."""
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    from demo.build_assets import update_edge
+    path = tmp_path / "assets.json"
+    old = {"built_at": "then", "split": {"fingerprint": "abc"}, "ood": {"threshold": 0.05},
+           "edge": {"old-int8": {"accuracy": 0.8}}}
+    path.write_text(json.dumps(old))
+    new = {"new-int8": {"accuracy": 0.88, "ms": 0.25}}
+    update_edge(path, new, SimpleNamespace(fingerprint="abc"), "python -m demo.build_assets --edge-only")
+    written = json.loads(path.read_text())
+    assert written["edge"] == new
+    assert {k: written[k] for k in old if k != "edge"} == {k: old[k] for k in old if k != "edge"}
+    assert written["edge_built"]["command"].endswith("--edge-only") and written["edge_built"]["at"]
+    with pytest.raises(SystemExit, match="another split"):
+        update_edge(path, {}, SimpleNamespace(fingerprint="xyz"), "c")
+    assert json.loads(path.read_text())["edge"] == new  # a refusal leaves the file as it was
+    with pytest.raises(SystemExit, match="run a full build first"):
+        update_edge(tmp_path / "missing.json", new, SimpleNamespace(fingerprint="abc"), "c")
+    assert not (tmp_path / "missing.json").exists()

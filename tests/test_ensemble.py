@@ -366,3 +366,35 @@ def test_zoo_at_another_tta_level_is_one_more_row_under_the_same_rule(zoo_root, 
     with pytest.raises(SystemExit) as e:
         bench.main(["--checkpoints", str(zoo_root)])
     assert e.value.code == 2
+
+
+def test_val_only_scores_val_and_a_later_full_run_adds_only_test(zoo_root, fake_data, tmp_path, monkeypatch):
+    from conftest import load_benchmark
+    bench = load_benchmark("ensemble_candidates")
+    monkeypatch.setattr(bench, "load_cifar10_for", lambda data_dir, metas: fake_data)
+    monkeypatch.setattr("cifar_core.data.make_split", lambda data, name, seed: SPLIT)
+    monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path / "cache")
+    calls = []
+    real = bench.member_log_probs
+    subsets = {"val": fake_data.images[SPLIT.val], "test": fake_data.images[SPLIT.test]}
+
+    def which(x):  # which subset a forward pass ran on
+        return next(s for s, images in subsets.items() if images.shape == x.shape and torch.equal(images, x))
+
+    monkeypatch.setattr(bench, "member_log_probs", lambda members, x: calls.append(which(x)) or real(members, x))
+    out = tmp_path / "rows.json"
+    argv = ["--zoo-tta", "2", "--checkpoints", str(zoo_root), "--json", str(out)]
+    assert bench.main(argv + ["--val-only"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["ensemble"] for r in rows] == ["zoo", "zoo at TTA 2"]
+    assert all("val acc %" in r and "test acc %" not in r for r in rows), rows
+    assert calls and set(calls) == {"val"}, calls  # the test images were never run
+    # the full run reads the val half from the cache and runs each model on the test images only
+    calls.clear()
+    assert bench.main(argv) == 0
+    assert calls and set(calls) == {"test"}, calls
+    full = {r["ensemble"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "test acc %" in full["zoo at TTA 2"] and full["zoo"]["val acc %"] == rows[0]["val acc %"]
+    # and the entries now hold both halves: a third run computes nothing
+    calls.clear()
+    assert bench.main(argv) == 0 and calls == []

@@ -160,6 +160,13 @@ def test_tables_equal_the_meta_values_without_data(tree, capsys):
     roles = [r for r in rows if r[0] == "5"]
     assert {r[7] for r in roles} == {pct(metas["distilled"]["metrics"]["test"]["accuracy"]),
                                      pct(metas["from-scratch twin"]["metrics"]["test"]["accuracy"])}
+    # each level-5 row names its own teacher, not the level's default one
+    assert sorted(r[1] for r in roles) == ["distillation [distilled from `cifar_cnn`]",
+                                           "distillation [from-scratch twin: labels only, same recipe and budget]"]
+    from cifar_core.report import _distill_what
+    folds = {"role": "distilled", "members": [{"name": "l0_fold0"}, {"name": "l0_fold1"}], "cross_fitted_folds": 2}
+    assert _distill_what(folds) == "distillation [distilled from cross-fitted over 2 folds (`l0_fold0`, `l0_fold1`)]"
+    assert "the ensemble of `a`, `b`" in _distill_what({"role": "distilled", "members": [{"name": "a"}, {"name": "b"}]})
 
     # Level 1 -> 2 headline, ablation, ensemble and distillation sections, from the same files
     l1, l2 = metas["l1"]["metrics"]["test"]["accuracy"], metas["l2"]["metrics"]["test"]["accuracy"]
