@@ -422,7 +422,7 @@ def _distill_what(d: dict) -> str:
     teachers = _teacher_names(d)
     folds = d.get("cross_fitted_folds")
     source = (f"cross-fitted over {folds} folds ({teachers})" if folds
-              else f"{teachers}" if len(d.get("members") or []) == 1 else f"the ensemble of {teachers}")
+              else teachers if len(d.get("members") or []) == 1 else f"the ensemble of {teachers}")
     return f"distillation [distilled from {source}]"
 
 
