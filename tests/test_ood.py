@@ -229,3 +229,18 @@ def test_a_retrained_or_missing_member_makes_the_detector_stale(tmp_path):
     pred = lab.predict(decode_for_model(EXAMPLES_DIR / "cifar_ship.png"))
     assert pred.ood is None and lab.ood_result(pred) == {"available": False, "problem": lab.ood_problem}
     assert "check off" in ood_notice(lab, pred) and "stale" in ood_notice(lab, pred)
+
+
+def test_benchmark_counts_the_ood_images_that_get_through_per_source():
+    """benchmarks/ood.py's breakdown of what the shipped detector lets through: at the threshold, by source family."""
+    from conftest import load_benchmark
+    bench = load_benchmark("ood")
+    sources = ["scikit-image data.stereo_motorcycle"] * 3 + ["scikit-image data.lfw_subset()[50] (face)",
+               "scikit-image data.lfw_subset()[151] (non-face patch)", "scikit-learn load_digits()[5]",
+               "scikit-learn load_sample_image('flower.jpg')", "text in matplotlib's DejaVuSansMono.ttf (16 px)"]
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 2.0, 0.5, 0.7])
+    rows = bench.passes_by_source(scores, sources, keep_threshold=0.5)
+    assert rows == [{"source": "LFW faces and patches", "passed": 2, "of": 2},
+                    {"source": "stereo_motorcycle", "passed": 2, "of": 3},
+                    {"source": "flower.jpg", "passed": 1, "of": 1}]  # digits and text: none through, left out
+    assert bench.passes_by_source(scores, sources, keep_threshold=0.0) == []
