@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -111,13 +112,10 @@ def source_family(source: str) -> str:
 def passes_by_source(ood_scores: torch.Tensor, sources: list[str], keep_threshold: float) -> list[dict]:
     """Which OOD images get through at the shipped threshold (outlier score <= keep_threshold), per source
     family, most first; families with none through are left out."""
-    through: dict[str, int] = {}
-    total: dict[str, int] = {}
-    for score, source in zip(ood_scores.tolist(), sources):
-        family = source_family(source)
-        total[family] = total.get(family, 0) + 1
-        through[family] = through.get(family, 0) + int(score <= keep_threshold)
-    rows = [{"source": f, "passed": n, "of": total[f]} for f, n in through.items() if n]
+    families = [source_family(s) for s in sources]
+    total = Counter(families)
+    through = Counter(f for f, score in zip(families, ood_scores.tolist()) if score <= keep_threshold)
+    rows = [{"source": f, "passed": n, "of": total[f]} for f, n in through.items()]
     return sorted(rows, key=lambda r: (-r["passed"], r["source"]))
 
 
@@ -287,7 +285,7 @@ def main(argv=None) -> int:
                              torch.quantile(best_scores["val_id"], 0.95).item())
     opinion = None
     if not args.no_imagenet:
-        opinion = imagenet_rows(data.images[val], data.images[test], ood_val, ood_test, row_scores[id(best)],
+        opinion = imagenet_rows(data.images[val], data.images[test], ood_val, ood_test, best_scores,
                                 best, correct, quick=args.quick)
         rows += opinion["rows"]
     cols = ["scope", "detector", "setting", "val AUROC", "far AUROC", "FPR95", *[f"{g} AUROC" for g in GROUPS],
